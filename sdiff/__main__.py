@@ -1,0 +1,5 @@
+import sys
+
+from sdiff.cli import main
+
+sys.exit(main())
