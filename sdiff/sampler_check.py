@@ -70,7 +70,7 @@ def moments_table(samples: torch.Tensor, expected: dict[str, float]) -> list[dic
 
 def run_sampler_check(
     samplers: tuple[str, ...] = ("ddpm", "ddim"),
-    steps: tuple[int, ...] = (8, 32, 128, 512),
+    steps: tuple[int, ...] = (16, 64, 256, 1024),
     n: int = 20_000,
     schedule: LogSNRFn | None = None,
     check: SamplerCheck | None = None,

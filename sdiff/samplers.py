@@ -184,6 +184,39 @@ def _steps(grid: list[float], progress: bool, name: str):
     return pairs
 
 
+def _ddpm_step(z: Tensor, x_hat: Tensor, lam_t: float, lam_s: float, generator) -> Tensor:
+    """z_s ~ N(alpha_s (z_t (1 - c) / alpha_t + c x_hat), sigma_s^2 c), c = -expm1(lam_t - lam_s)
+    (PAPER.md, "Sampler")."""
+    alpha_t, _ = _alpha_sigma(lam_t)
+    alpha_s, sigma_s = _alpha_sigma(lam_s)
+    c = -math.expm1(lam_t - lam_s)  # in (0, 1): share of x_hat in the posterior mean
+    coef_z = alpha_s * math.exp(lam_t - lam_s) / alpha_t  # alpha_s (1 - c) / alpha_t
+    eps = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
+    return coef_z * z + (alpha_s * c) * x_hat + math.sqrt(sigma_s**2 * c) * eps
+
+
+def _ddim_step(z: Tensor, x_hat: Tensor, lam_t: float, lam_s: float, generator) -> Tensor:
+    """z_s = alpha_s x_hat + sigma_s eps_hat, eps_hat = (z - alpha_t x_hat) / sigma_t taken from
+    the (clipped) x_hat."""
+    alpha_t, sigma_t = _alpha_sigma(lam_t)
+    alpha_s, sigma_s = _alpha_sigma(lam_s)
+    ratio = sigma_s / sigma_t
+    return ratio * z + (alpha_s - ratio * alpha_t) * x_hat
+
+
+def _run(step, name, denoise, noise, schedule, steps, cond, guidance, clip_x, generator, progress):
+    """The loop both samplers share: one denoiser call per grid point, then ``step``."""
+    _check_noise(noise)
+    grid = _logsnr_grid(schedule, steps)
+    z = noise
+    for i, (lam_t, lam_s) in _steps(grid, progress, name):
+        x_hat = _guided_x(denoise, z, lam_t, cond, guidance, clip_x, i)
+        if lam_s == math.inf:  # the clean end: alpha = 1, sigma = 0, so z_0 = x_hat
+            return x_hat
+        z = step(z, x_hat, lam_t, lam_s, generator)
+    raise AssertionError("unreachable: the grid ends at +inf")
+
+
 @torch.no_grad()
 def sample_ddpm(
     denoise: Denoiser,
@@ -198,20 +231,8 @@ def sample_ddpm(
     progress: bool = False,
 ) -> Tensor:
     """Ancestral DDPM in logSNR form (simple diffusion's sampler); see the module docstring."""
-    _check_noise(noise)
-    grid = _logsnr_grid(schedule, steps)
-    z = noise
-    for i, (lam_t, lam_s) in _steps(grid, progress, "ddpm"):
-        x_hat = _guided_x(denoise, z, lam_t, cond, guidance, clip_x, i)
-        if lam_s == math.inf:
-            return x_hat
-        alpha_t, _ = _alpha_sigma(lam_t)
-        alpha_s, sigma_s = _alpha_sigma(lam_s)
-        c = -math.expm1(lam_t - lam_s)  # in (0, 1): share of x_hat in the posterior mean
-        coef_z = alpha_s * math.exp(lam_t - lam_s) / alpha_t  # alpha_s (1 - c) / alpha_t
-        eps = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
-        z = coef_z * z + (alpha_s * c) * x_hat + math.sqrt(sigma_s**2 * c) * eps
-    raise AssertionError("unreachable: the grid ends at +inf")
+    args = (denoise, noise, schedule, steps, cond, guidance, clip_x, generator, progress)
+    return _run(_ddpm_step, "ddpm", *args)
 
 
 @torch.no_grad()
@@ -228,20 +249,8 @@ def sample_ddim(
     progress: bool = False,
 ) -> Tensor:
     """Deterministic DDIM (eta = 0); ``generator`` is accepted for the shared signature."""
-    _check_noise(noise)
-    grid = _logsnr_grid(schedule, steps)
-    z = noise
-    for i, (lam_t, lam_s) in _steps(grid, progress, "ddim"):
-        x_hat = _guided_x(denoise, z, lam_t, cond, guidance, clip_x, i)
-        if lam_s == math.inf:
-            return x_hat
-        alpha_t, sigma_t = _alpha_sigma(lam_t)
-        alpha_s, sigma_s = _alpha_sigma(lam_s)
-        # z_s = alpha_s x_hat + sigma_s eps_hat with eps_hat = (z - alpha_t x_hat) / sigma_t,
-        # eps_hat taken from the (clipped) x_hat.
-        ratio = sigma_s / sigma_t
-        z = ratio * z + (alpha_s - ratio * alpha_t) * x_hat
-    raise AssertionError("unreachable: the grid ends at +inf")
+    args = (denoise, noise, schedule, steps, cond, guidance, clip_x, generator, progress)
+    return _run(_ddim_step, "ddim", *args)
 
 
 SAMPLERS: dict[str, Sampler] = {"ddpm": sample_ddpm, "ddim": sample_ddim}
