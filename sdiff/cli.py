@@ -1,6 +1,7 @@
 """Command line: ``sdiff <command>`` (or ``python -m sdiff <command>``).
 
 Commands so far:
+  models          every model preset with its parameters and multiply-accumulates per forward
   schedule        print (or write as CSV) a logSNR schedule with alpha and sigma on a t grid
   sampler-check   run the samplers with the exact denoiser of a Gaussian mixture and compare
                   the samples' moments with the data's (see sdiff.sampler_check)
@@ -140,10 +141,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def models_table(names: list[str]) -> pd.DataFrame:
+    from sdiff.flops import model_stats
+    from sdiff.presets import get_preset
+
+    rows = []
+    for name in names:
+        stats = model_stats(get_preset(name))
+        rows.append(
+            {
+                "preset": name,
+                "kind": stats.kind,
+                "resolution": stats.resolution,
+                "params_M": round(stats.params / 1e6, 2),
+                "GMACs": round(stats.macs / 1e9, 2),
+                "attention_at": ",".join(map(str, stats.attention_resolutions)) or "-",
+                "dropout_at": ",".join(map(str, stats.dropout_resolutions)) or "-",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from sdiff.presets import PRESETS
+
+    df = models_table(args.preset or list(PRESETS))
+    if args.json:
+        print(json.dumps(df.to_dict(orient="records"), indent=2))
+    else:
+        print(df.to_string(index=False))
+        print(
+            "\nparams and multiply-accumulates per forward pass of one image, counted on the "
+            "meta device (torch.utils.flop_counter)"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdiff", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"sdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="model presets with parameter and MAC counts")
+    p.add_argument("--preset", nargs="+", help="only these presets")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("schedule", help="print a logSNR schedule")
     _add_schedule_args(p)

@@ -1,0 +1,206 @@
+"""The U-Net of simple diffusion: conv ResBlock levels with skips, attention and dropout only at
+chosen resolutions, and an optional "downsample first" layer (DWT or patching).
+
+Level i works at side r_i = resolution / f / 2^i, where f is the input factor (1, 2^levels for
+the DWT, p for patching). Down: ``blocks_down[i]`` ResBlocks (each followed by self-attention if
+r_i is in ``attention_resolutions``), each output kept as a skip, then a stride-2 conv. The
+deepest level's down and up blocks meet directly, so "2+3 blocks at 16x16" (PAPER.md, Table 4)
+is ``blocks_down[-1] = 2, blocks_up[-1] = 3``. Up: ``blocks_up[i]`` ResBlocks; the first
+min(blocks_down[i], blocks_up[i]) of them take the level's skips (concatenated, last first).
+Dropout exists only in the ResBlocks of levels whose side is in ``dropout_resolutions``.
+
+forward(z, logsnr, cond): z (B, C, H, W), logsnr (B,), cond = class labels (B,) or None (the
+null class); returns the prediction (B, C, H, W) of whatever target the loss trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from sdiff.blocks import (
+    ConditionEmbedding,
+    Downsample,
+    InputStem,
+    OutputHead,
+    ResBlock,
+    SelfAttention2d,
+    Upsample,
+    input_factor,
+    run_checkpointed,
+)
+
+
+def level_sides(resolution: int, factor: int, levels: int, what: str) -> list[int]:
+    """Feature-map sides of ``levels`` levels below an input factor; errors name the problem."""
+    if not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"resolution must be a positive integer; got {resolution!r}")
+    if resolution % factor:
+        raise ValueError(
+            f"resolution {resolution} is not divisible by the input downsampling factor {factor}"
+        )
+    sides, side = [], resolution // factor
+    for i in range(levels):
+        if i and side % 2:
+            raise ValueError(
+                f"resolution {resolution} cannot reach the {levels} levels of this {what}: "
+                f"level {i} would have side {side / 2} (sides so far {sides})"
+            )
+        side = side // 2 if i else side
+        sides.append(side)
+    return sides
+
+
+def check_resolutions(name: str, wanted: tuple[int, ...], available: list[int]) -> None:
+    missing = sorted(set(wanted) - set(available))
+    if missing:
+        raise ValueError(f"{name} {missing} are not feature-map sides of this model ({available})")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    kind: ClassVar[str] = "unet"
+
+    resolution: int = 32
+    in_channels: int = 3
+    channels: tuple[int, ...] = (64, 128)  # per level, finest first
+    blocks_down: tuple[int, ...] = (2, 2)
+    blocks_up: tuple[int, ...] = (2, 2)
+    attention_resolutions: tuple[int, ...] = ()
+    head_dim: int = 64
+    dropout: float = 0.0
+    dropout_resolutions: tuple[int, ...] = ()
+    num_classes: int = 0  # 0: unconditional; else labels 0..n-1 and the null class n
+    emb_dim: int | None = None  # default 4 * channels[0]
+    downsample: str = "none"  # "none" | "dwt" | "patch"
+    wavelet: str = "haar"
+    dwt_levels: int = 1
+    patch_size: int = 2
+    norm_groups: int = 32
+    checkpoint_levels: tuple[int, ...] = ()  # activation checkpointing of these levels' blocks
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        n = len(self.channels)
+        if n == 0 or len(self.blocks_down) != n or len(self.blocks_up) != n:
+            raise ValueError(
+                f"channels, blocks_down and blocks_up need one entry per level; got "
+                f"{len(self.channels)}, {len(self.blocks_down)}, {len(self.blocks_up)}"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1); got {self.dropout}")
+        sides = self.level_sides()
+        check_resolutions("attention_resolutions", self.attention_resolutions, sides)
+        check_resolutions("dropout_resolutions", self.dropout_resolutions, sides)
+        for side, ch in zip(sides, self.channels, strict=True):
+            if side in self.attention_resolutions and ch % self.head_dim:
+                raise ValueError(
+                    f"attention head_dim {self.head_dim} does not divide the width {ch} "
+                    f"at side {side}"
+                )
+        bad = sorted(set(self.checkpoint_levels) - set(range(n)))
+        if bad:
+            raise ValueError(f"checkpoint_levels {bad} are not level indices (0..{n - 1})")
+
+    @property
+    def factor(self) -> int:
+        return input_factor(self.downsample, self.dwt_levels, self.patch_size)
+
+    def level_sides(self) -> list[int]:
+        return level_sides(self.resolution, self.factor, len(self.channels), "U-Net")
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        sides = c.level_sides()
+        emb_dim = c.emb_dim or 4 * c.channels[0]
+        io = {"wavelet": c.wavelet, "dwt_levels": c.dwt_levels, "patch_size": c.patch_size}
+        self.embed = ConditionEmbedding(emb_dim, c.num_classes)
+        self.stem = InputStem(c.in_channels, c.channels[0], c.downsample, **io)
+
+        def block(i: int, cin: int) -> ResBlock:
+            drop = c.dropout if sides[i] in c.dropout_resolutions else 0.0
+            return ResBlock(
+                cin,
+                c.channels[i],
+                emb_dim,
+                dropout=drop,
+                groups=c.norm_groups,
+                resolution=sides[i],
+            )
+
+        def attn(i: int) -> nn.Module:
+            if sides[i] not in c.attention_resolutions:
+                return nn.Identity()
+            return SelfAttention2d(
+                c.channels[i], c.head_dim, groups=c.norm_groups, backend=c.attention_backend
+            )
+
+        self.down, self.down_attn, self.downsamplers = (
+            nn.ModuleList(),
+            nn.ModuleList(),
+            nn.ModuleList(),
+        )
+        cin = c.channels[0]
+        for i, n in enumerate(c.blocks_down):
+            self.down.append(nn.ModuleList())
+            self.down_attn.append(nn.ModuleList())
+            for _ in range(n):
+                self.down[i].append(block(i, cin))
+                self.down_attn[i].append(attn(i))
+                cin = c.channels[i]
+            self.downsamplers.append(Downsample(cin) if i < len(sides) - 1 else nn.Identity())
+
+        self.up, self.up_attn, self.upsamplers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for i in reversed(range(len(sides))):
+            blocks, attns = nn.ModuleList(), nn.ModuleList()
+            for j in range(c.blocks_up[i]):
+                skip = c.channels[i] if j < min(c.blocks_down[i], c.blocks_up[i]) else 0
+                blocks.append(block(i, cin + skip))
+                attns.append(attn(i))
+                cin = c.channels[i]
+            self.up.insert(0, blocks)
+            self.up_attn.insert(0, attns)
+            self.upsamplers.insert(0, Upsample(cin) if i > 0 else nn.Identity())
+        self.head = OutputHead(cin, c.in_channels, c.downsample, groups=c.norm_groups, **io)
+
+    def _level(self, blocks, attns, h, emb, skips, take, ckpt):
+        for j, (blk, att) in enumerate(zip(blocks, attns, strict=True)):
+            if take is not None and j < take:
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = att(run_checkpointed(blk, h, emb, enabled=ckpt))
+            if take is None:
+                skips.append(h)
+        return h
+
+    def forward(self, z: Tensor, logsnr: Tensor, cond: Tensor | None = None) -> Tensor:
+        c = self.config
+        if z.shape[1:] != (c.in_channels, c.resolution, c.resolution):
+            raise ValueError(
+                f"U-Net for {c.in_channels}x{c.resolution}x{c.resolution} inputs got "
+                f"{tuple(z.shape[1:])}"
+            )
+        if cond is not None and not torch.is_tensor(cond):
+            raise ValueError(f"the U-Net takes class labels or None as cond; got {type(cond)}")
+        emb = self.embed(logsnr, cond)  # (B, emb_dim)
+        h = self.stem(z)  # (B, channels[0], r_0, r_0)
+        skips: list[list[Tensor]] = []
+        for i in range(len(self.down)):
+            skips.append([])
+            ckpt = i in c.checkpoint_levels
+            h = self._level(self.down[i], self.down_attn[i], h, emb, skips[i], None, ckpt)
+            h = self.downsamplers[i](h)  # (B, channels[i], r_{i+1}, r_{i+1})
+        for i in reversed(range(len(self.up))):
+            take = min(c.blocks_down[i], c.blocks_up[i])
+            ckpt = i in c.checkpoint_levels
+            h = self._level(self.up[i], self.up_attn[i], h, emb, skips[i], take, ckpt)
+            h = self.upsamplers[i](h)
+        return self.head(h)  # (B, C, H, W)
