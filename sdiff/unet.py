@@ -60,9 +60,42 @@ def check_resolutions(name: str, wanted: tuple[int, ...], available: list[int]) 
         raise ValueError(f"{name} {missing} are not feature-map sides of this model ({available})")
 
 
+class LevelsMixin:
+    """What the U-Net and U-ViT configs share: the input factor, the level sides, checks."""
+
+    kind: ClassVar[str]
+    title: ClassVar[str]
+
+    @property
+    def factor(self) -> int:
+        return input_factor(self.downsample, self.dwt_levels, self.patch_size)
+
+    def level_sides(self) -> list[int]:
+        return level_sides(self.resolution, self.factor, len(self.channels), self.title)
+
+    def check_checkpoint_levels(self) -> None:
+        n = len(self.channels)
+        bad = sorted(set(self.checkpoint_levels) - set(range(n)))
+        if bad:
+            raise ValueError(f"checkpoint_levels {bad} are not level indices (0..{n - 1})")
+
+    def res_block(self, level: int, in_ch: int, emb_dim: int) -> ResBlock:
+        """A ResBlock of ``level``, with dropout only if the level's side is listed."""
+        side = self.level_sides()[level]
+        drop = self.dropout if side in self.dropout_resolutions else 0.0
+        return ResBlock(
+            in_ch, self.channels[level], emb_dim, dropout=drop, groups=self.norm_groups,
+            resolution=side,
+        )  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(LevelsMixin):
     kind: ClassVar[str] = "unet"
+    title: ClassVar[str] = "U-Net"
 
     resolution: int = 32
     in_channels: int = 3
@@ -101,19 +134,7 @@ class UNetConfig:
                     f"attention head_dim {self.head_dim} does not divide the width {ch} "
                     f"at side {side}"
                 )
-        bad = sorted(set(self.checkpoint_levels) - set(range(n)))
-        if bad:
-            raise ValueError(f"checkpoint_levels {bad} are not level indices (0..{n - 1})")
-
-    @property
-    def factor(self) -> int:
-        return input_factor(self.downsample, self.dwt_levels, self.patch_size)
-
-    def level_sides(self) -> list[int]:
-        return level_sides(self.resolution, self.factor, len(self.channels), "U-Net")
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, **asdict(self)}
+        self.check_checkpoint_levels()
 
 
 class UNet(nn.Module):
@@ -127,15 +148,7 @@ class UNet(nn.Module):
         self.stem = InputStem(c.in_channels, c.channels[0], c.downsample, **io)
 
         def block(i: int, cin: int) -> ResBlock:
-            drop = c.dropout if sides[i] in c.dropout_resolutions else 0.0
-            return ResBlock(
-                cin,
-                c.channels[i],
-                emb_dim,
-                dropout=drop,
-                groups=c.norm_groups,
-                resolution=sides[i],
-            )
+            return c.res_block(i, cin, emb_dim)
 
         def attn(i: int) -> nn.Module:
             if sides[i] not in c.attention_resolutions:

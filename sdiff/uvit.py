@@ -23,7 +23,7 @@ embeddings; cond is then a ``TextCondition(embeddings (B, L, text_dim), padding_
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -37,11 +37,10 @@ from sdiff.blocks import (
     OutputHead,
     ResBlock,
     Upsample,
-    input_factor,
     run_checkpointed,
     zero_,
 )
-from sdiff.unet import check_resolutions, level_sides
+from sdiff.unet import LevelsMixin, check_resolutions
 
 
 class TextCondition(NamedTuple):
@@ -51,8 +50,9 @@ class TextCondition(NamedTuple):
 
 
 @dataclass(frozen=True)
-class UViTConfig:
+class UViTConfig(LevelsMixin):
     kind: ClassVar[str] = "uvit"
+    title: ClassVar[str] = "U-ViT"
 
     resolution: int = 32
     in_channels: int = 3
@@ -104,19 +104,7 @@ class UViTConfig:
         check_resolutions(
             "dropout_resolutions", self.dropout_resolutions, [*sides, self.transformer_resolution]
         )
-        bad = sorted(set(self.checkpoint_levels) - set(range(n)))
-        if bad:
-            raise ValueError(f"checkpoint_levels {bad} are not conv level indices (0..{n - 1})")
-
-    @property
-    def factor(self) -> int:
-        return input_factor(self.downsample, self.dwt_levels, self.patch_size)
-
-    def level_sides(self) -> list[int]:
-        return level_sides(self.resolution, self.factor, len(self.channels), "U-ViT")
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, **asdict(self)}
+        self.check_checkpoint_levels()
 
 
 class TransformerBlock(nn.Module):
@@ -199,15 +187,7 @@ class UViT(nn.Module):
         self.stem = InputStem(c.in_channels, first, c.downsample, **io)
 
         def block(i: int, cin: int) -> ResBlock:
-            drop = c.dropout if sides[i] in c.dropout_resolutions else 0.0
-            return ResBlock(
-                cin,
-                c.channels[i],
-                emb_dim,
-                dropout=drop,
-                groups=c.norm_groups,
-                resolution=sides[i],
-            )
+            return c.res_block(i, cin, emb_dim)
 
         self.down, self.downsamplers = nn.ModuleList(), nn.ModuleList()
         cin = first
