@@ -443,7 +443,8 @@ def build_dataset(config: DataConfig) -> Dataset:
         return PhotoCrops(config.resolution, num_crops=config.num_crops, seed=config.seed)
     if not config.root:
         raise ValueError(
-            "the 'folder' dataset needs data.root (the image folder; e.g. --set data.root=/data/imagenet/train)"
+            "the 'folder' dataset needs data.root, the image folder "
+            "(e.g. --set data.root=/data/imagenet/train)"
         )
     return ImageFolderDataset(
         config.root, config.resolution, on_error=config.on_error, channels=config.channels
