@@ -315,7 +315,7 @@ def test_build_dataset(image_root):
     ("config", "match"),
     [
         (DataConfig(name="imagenet"), "unknown dataset 'imagenet'"),
-        (DataConfig(name="folder", channels=3), "needs DataConfig.root"),
+        (DataConfig(name="folder", channels=3), "needs data.root"),
         (DataConfig(root="/data"), "root is only used"),
         (DataConfig(name="photos", channels=1), "channels must be 3"),
         (DataConfig(channels=2), "channels"),
