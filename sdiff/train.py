@@ -385,7 +385,10 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        decay = self.config.train.ema_decay
+        t = self.config.train
+        decay = t.ema_decay
+        if t.ema_warmup:  # early on the EMA would mostly average the random initialisation
+            decay = min(decay, (1 + self.step) / (10 + self.step))
         for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
             e.lerp_(p.detach().to(e.dtype), 1 - decay)
         for e, b in zip(self.ema.buffers(), self.model.buffers(), strict=True):

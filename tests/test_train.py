@@ -210,7 +210,8 @@ def test_ema_and_warmup_by_hand(tmp_path):
     assert trainer.opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 8 / 32)
     for k, e in trainer.ema.state_dict().items():
         if e.is_floating_point():
-            expected = 0.9 * e0[k] + 0.1 * trainer.model.state_dict()[k]
+            decay = min(0.9, (1 + 0) / (10 + 0))  # EMA warm-up at step 0
+            expected = decay * e0[k] + (1 - decay) * trainer.model.state_dict()[k]
             torch.testing.assert_close(e, expected, rtol=1e-6, atol=1e-7)
     assert any(not torch.equal(w0[k], v) for k, v in trainer.model.state_dict().items())
 
