@@ -29,6 +29,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -428,7 +429,9 @@ class Trainer:
         if self.progress and self.dist.main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, initial=start, unit="step", desc="train", dynamic_ncols=True)
+            # redraw at most every 0.5 s (every 10 s into a log file rather than a terminal)
+            every = 0.5 if sys.stderr.isatty() else 10.0
+            bar = tqdm(total=total, initial=start, unit="step", desc="train", mininterval=every)
         tick = wall0 = time.perf_counter()
         timed_steps = 0
         data = iter(loader)
