@@ -277,3 +277,18 @@ def test_run_directory_contents(reference_run):
     assert [r[0] for r in rows] == [2, 4, 6, 8, 10, 12]
     assert all(torch.isfinite(torch.tensor(r[1])) for r in rows)
     assert len(list_checkpoints(reference_run / "checkpoints")) == 2  # keep_checkpoints
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager(tmp_path):
+    """train.compile=true runs the same maths (inductor on CPU; tolerances for fused kernels)."""
+    eager = Trainer(DDP_CONFIG, tmp_path / "eager", progress=False)
+    compiled = Trainer(apply_overrides(DDP_CONFIG, ["train.compile=true"]), tmp_path / "compiled",
+                       progress=False)  # fmt: skip
+    x, y, t, noise = _fixed_batch()
+    for _ in range(2):
+        le, _ = eager.train_step(x, y, t=t, noise=noise)
+        lc, _ = compiled.train_step(x, y, t=t, noise=noise)
+        torch.testing.assert_close(lc, le, rtol=1e-4, atol=1e-5)
+    for k, v in eager.model.state_dict().items():
+        torch.testing.assert_close(compiled.model.state_dict()[k], v, rtol=1e-3, atol=1e-5)
