@@ -12,21 +12,26 @@ Backends:
   picks flash / cuDNN / memory-efficient / math kernels on CUDA.
 - ``math``: softmax(q k^T / sqrt(D)) v written out, accumulated in float32: the reference.
 - ``xformers``: ``xformers.ops.memory_efficient_attention`` (optional extra; CUDA only).
-``auto`` is resolved by ``select_backend``, the single predicate every model goes through. It
-picks ``sdpa`` today; the kernels issue adds the Triton kernel to it for the CUDA shapes it
-supports.
+- ``triton``: sdiff's own flash-attention kernel (``sdiff.kernels.attention``), forward and
+  backward, registered with ``torch.library`` so compiled graphs do not break at it. CUDA, or
+  the Triton interpreter on CPU (``TRITON_INTERPRET=1`` set before triton is imported).
+``auto`` is resolved by ``select_backend``, the single predicate every model goes through:
+``triton`` for CUDA inputs the kernel supports (fp32/fp16/bf16, head dim 16/32/64/128), else
+``sdpa``. If the kernel fails to build on a GPU, ``auto`` warns once and stays on ``sdpa``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "sdpa", "math", "xformers")
+BACKENDS = ("auto", "sdpa", "math", "xformers", "triton")
+_TRITON_FAILED: list[str] = []  # set when the kernel failed under "auto" (then: sdpa)
 
 __all__ = ["BACKENDS", "attention", "attention_math", "select_backend"]
 
@@ -75,7 +80,22 @@ def select_backend(
                 f"use backend='sdpa' or 'auto'"
             )
         return "xformers"
+    if backend == "triton":
+        from sdiff.kernels import attention as kernel
+
+        if not kernel.supports(q, k, v, key_padding_mask):
+            raise ValueError(
+                f"attention backend 'triton' does not support {q.device.type} {q.dtype} inputs "
+                f"with head dim {q.shape[-1]}: it needs CUDA (or TRITON_INTERPRET=1 for tests) "
+                f"and head dim in {kernel.HEAD_DIMS}"
+            )
+        return "triton"
     if backend == "auto":
+        if q.is_cuda and not _TRITON_FAILED:
+            from sdiff.kernels import attention as kernel
+
+            if kernel.supports(q, k, v, key_padding_mask):
+                return "triton"
         return "sdpa"
     return backend
 
@@ -83,15 +103,17 @@ def select_backend(
 def attention_math(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None
 ) -> Tensor:
-    """Reference: softmax(q k^T / sqrt(D)) v with float32 (or float64) accumulation."""
-    acc = torch.promote_types(q.dtype, torch.float32)
-    scores = q.to(acc) @ k.to(acc).transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, Lq, Lk)
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(key_padding_mask[:, None, None, :], -math.inf)
-    probs = torch.softmax(scores, dim=-1)
-    if key_padding_mask is not None:  # all keys padded: softmax of -inf is nan; define as zeros
-        probs = probs.nan_to_num(0.0)
-    return (probs @ v.to(acc)).to(q.dtype)  # (B, H, Lq, D)
+    """Reference: softmax(q k^T / sqrt(D)) v with float32 (or float64) accumulation; the
+    kernel's ``attention_ref``."""
+    from sdiff.kernels.attention import attention_ref
+
+    return attention_ref(q, k, v, key_padding_mask)
+
+
+def _attention_triton(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    from sdiff.kernels.attention import flash_attention
+
+    return flash_attention(q, k, v, key_padding_mask)
 
 
 def _attention_sdpa(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
@@ -128,6 +150,7 @@ _IMPLEMENTATIONS = {
     "sdpa": _attention_sdpa,
     "math": attention_math,
     "xformers": _attention_xformers,
+    "triton": _attention_triton,
 }
 
 
@@ -141,6 +164,16 @@ def attention(
 ) -> Tensor:
     """Scaled dot-product attention through the backend ``select_backend`` picks."""
     _check(q, k, v, key_padding_mask)
-    return _IMPLEMENTATIONS[select_backend(q, k, v, key_padding_mask, backend)](
-        q, k, v, key_padding_mask
-    )
+    chosen = select_backend(q, k, v, key_padding_mask, backend)
+    if chosen == "triton" and backend == "auto" and not torch.compiler.is_compiling():
+        try:
+            return _attention_triton(q, k, v, key_padding_mask)
+        except Exception as err:  # a kernel that does not build must not stop a training run
+            _TRITON_FAILED.append(f"{type(err).__name__}: {err}")
+            warnings.warn(
+                f"the triton attention kernel failed ({_TRITON_FAILED[-1]}); backend 'auto' "
+                f"uses sdpa from now on",
+                stacklevel=2,
+            )
+            chosen = "sdpa"
+    return _IMPLEMENTATIONS[chosen](q, k, v, key_padding_mask)

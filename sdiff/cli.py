@@ -266,6 +266,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, n: int) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
@@ -276,7 +277,7 @@ def _sample_options(args: argparse.Namespace):
         n=args.n, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
         guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         labels=tuple(args.labels) if args.labels else None, seed=args.seed,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, compile=args.compile,
     )  # fmt: skip
 
 

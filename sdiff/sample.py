@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from sdiff.checkpoint import list_checkpoints, load_checkpoint
+from sdiff.compile import maybe_compile
 from sdiff.config import RunConfig, from_dict
 from sdiff.images import to_uint8
 from sdiff.presets import build_model
@@ -39,6 +40,7 @@ class SampleOptions:
     seed: int = 0
     batch_size: int = 256
     clip_x: bool = True
+    compile: bool = False  # torch.compile the denoiser (SDIFF_COMPILE=0 turns it off)
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.batch_size < 1 or self.steps < 1:
@@ -86,7 +88,7 @@ def generate(
         pool = torch.tensor(o.labels if o.labels is not None else range(k))
         labels = pool.repeat(math.ceil(o.n / len(pool)))[: o.n]
     schedule = config.diffusion.schedule.build(m.resolution)
-    denoise = x_predictor(model, config.diffusion.prediction)
+    denoise = x_predictor(maybe_compile(model, enabled=o.compile), config.diffusion.prediction)
     gen = torch.Generator(device=device).manual_seed(o.seed)
     out = []
     for start in range(0, o.n, o.batch_size):

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from sdiff import __version__
 from sdiff.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from sdiff.compile import maybe_compile
 from sdiff.config import RunConfig, config_hash, from_dict, to_dict, to_json
 from sdiff.data import build_dataset
 from sdiff.diffusion import diffusion_loss
@@ -179,7 +180,7 @@ class Trainer:
         )
         # dropout draws from the global generator: give each process its own stream
         torch.manual_seed(t.seed * 7919 + 104729 + self.dist.rank)
-        self.step_model = torch.compile(self.wrapped) if t.compile else self.wrapped
+        self.step_model = maybe_compile(self.wrapped, enabled=t.compile)
         self.schedule = config.diffusion.schedule.build(config.model.resolution)
         self.gen = torch.Generator(device=self.device).manual_seed(
             t.seed * 7919 + 1 + self.dist.rank
