@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow test-all lint format clean
+.PHONY: demo test test-slow test-all lint format clean bench bench-gate bench-baseline bench-compare bench-asv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,30 @@ lint: $(VENV)/.dev
 format: $(VENV)/.dev
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# The CPU throughput table (GPU: bench/gpu/suite.sh OUTDIR)
+bench: $(VENV)/.dev
+	$(BIN)/sdiff bench
+
+# The deterministic regression gate (also part of `make test`: tests/test_gate.py); after a
+# deliberate change to parameters, MACs, graph breaks or estimated memory, update the baseline.
+bench-gate: $(VENV)/.dev
+	$(BIN)/python -m sdiff.bench.gate
+
+bench-baseline: $(VENV)/.dev
+	$(BIN)/python -m sdiff.bench.gate --update
+
+# Time BASE (default HEAD) and the working tree side by side on bench/perf; exit 1 on a
+# slowdown beyond 10%. Options: COMPARE_ARGS="--rounds 5 --threshold 0.05 -k attention".
+BASE ?= HEAD
+bench-compare: $(VENV)/.dev
+	$(BIN)/python bench/compare.py $(BASE) $(COMPARE_ARGS)
+
+# The asv suite on the working tree, results stored under HEAD (bench/asv/README.md).
+bench-asv: $(VENV)/.dev
+	cd bench/asv && $(abspath $(BIN))/asv machine --yes > /dev/null && \
+		$(abspath $(BIN))/asv run --environment existing:$(abspath $(BIN))/python \
+		--set-commit-hash $$(git rev-parse HEAD) $(ASV_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -4,6 +4,7 @@ Commands so far:
   train           train a model (``--preset``, ``--config``, ``--set key=value``), resuming an
                   existing run folder; under torchrun it trains on every process
   sample          draw images from a trained run (EMA weights by default)
+  bench           training/sampling throughput table (``sdiff bench memory``: 512 px profile)
   models          every model preset with its parameters and multiply-accumulates per forward
   schedule        print (or write as CSV) a logSNR schedule with alpha and sigma on a t grid
   sampler-check   run the samplers with the exact denoiser of a Gaussian mixture and compare
@@ -336,6 +337,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    rest = list(args.rest)
+    if rest and rest[0] == "memory":
+        from sdiff.bench.memory import memory_main
+
+        return memory_main(rest[1:])
+    from sdiff.bench.throughput import main as throughput_main
+
+    return throughput_main(rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdiff", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"sdiff {__version__}")
@@ -377,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p, 1000)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser(
+        "bench", add_help=False, help="throughput table; `sdiff bench memory --help` for memory"
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("models", help="model presets with parameter and MAC counts")
     p.add_argument("--preset", nargs="+", help="only these presets")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -410,7 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":  # its own parsers (throughput, memory) take the rest
+        args = argparse.Namespace(command="bench", rest=argv[1:], func=cmd_bench)
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ValueError as err:
