@@ -4,6 +4,7 @@ Commands so far:
   train           train a model (``--preset``, ``--config``, ``--set key=value``), resuming an
                   existing run folder; under torchrun it trains on every process
   sample          draw images from a trained run (EMA weights by default)
+  ablate          run a paper table's grid (``sdiff ablate 2 --preset smoke --out DIR``)
   bench           training/sampling throughput table (``sdiff bench memory``: 512 px profile)
   models          every model preset with its parameters and multiply-accumulates per forward
   schedule        print (or write as CSV) a logSNR schedule with alpha and sigma on a t grid
@@ -337,6 +338,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from sdiff.ablations.runner import ablate_main
+
+    return ablate_main(list(args.rest))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     rest = list(args.rest)
     if rest and rest[0] == "memory":
@@ -389,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p, 1000)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("ablate", add_help=False, help="a paper table's grid; `sdiff ablate --help`")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_ablate)
+
     p = sub.add_parser(
         "bench", add_help=False, help="throughput table; `sdiff bench memory --help` for memory"
     )
@@ -431,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":  # its own parsers (throughput, memory) take the rest
         args = argparse.Namespace(command="bench", rest=argv[1:], func=cmd_bench)
+    elif argv and argv[0] == "ablate":  # the runner's own parser takes the rest
+        args = argparse.Namespace(command="ablate", rest=argv[1:], func=cmd_ablate)
     else:
         args = build_parser().parse_args(argv)
     try:

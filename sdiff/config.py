@@ -25,6 +25,7 @@ from sdiff.data import DataConfig
 from sdiff.diffusion import DiffusionConfig
 from sdiff.presets import ModelConfig, get_preset
 from sdiff.schedules import ScheduleConfig
+from sdiff.text import TextConfig
 from sdiff.unet import UNetConfig
 from sdiff.uvit import UViTConfig
 
@@ -108,9 +109,15 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
     def __post_init__(self) -> None:
         m, d = self.model, self.data
+        text_dim = getattr(m, "text_dim", None)
+        if self.text.enabled and text_dim is None:
+            raise ValueError("text conditioning (text.encoder) needs a U-ViT with model.text_dim")
+        if text_dim is not None and not self.text.enabled:
+            raise ValueError("model.text_dim is set but text.encoder is 'none'")
         if m.resolution != d.resolution:
             raise ValueError(f"model resolution {m.resolution} != data resolution {d.resolution}")
         if m.in_channels != d.channels:

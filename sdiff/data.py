@@ -417,6 +417,7 @@ class DataConfig:
     on_error: str = "raise"  # folder: "raise" | "skip" unreadable images
     num_crops: int = 512  # photos
     seed: int = 0  # photos: crop positions
+    mnist_mode: str = "pad"  # mnist: "pad" the 28 px digits, or "resize" them to resolution
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -434,7 +435,7 @@ def build_dataset(config: DataConfig) -> Dataset:
         raise ValueError(f"random_flip must be True or False; got {config.random_flip!r}")
     if config.name == "mnist":
         _check_channels(config.channels, (1, 3))
-        return MNISTDigits(config.resolution, channels=config.channels)
+        return MNISTDigits(config.resolution, channels=config.channels, mode=config.mnist_mode)
     if config.name == "photos":
         if config.channels != 3:
             raise ValueError(

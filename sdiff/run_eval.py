@@ -15,6 +15,7 @@ counts, so a number in a report can be traced back to how it was made.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from sdiff.data import build_dataset
-from sdiff.evaluate import EvalConfig, evaluate
+from sdiff.evaluate import EvalConfig, ReferenceStats, evaluate, inception_features
 from sdiff.images import save_folder, to_uint8
 from sdiff.sample import SampleOptions, generate, load_trained, resolve_checkpoint
 
@@ -40,6 +41,32 @@ def training_reference(config, n: int | None = None) -> torch.Tensor:
         raise ValueError(f"reference_n must lie in [1, {total}] (the dataset size); got {n}")
     idx = range(total) if n is None else torch.linspace(0, total - 1, n).round().long().tolist()
     return torch.stack([to_uint8(dataset[i][0]) for i in idx])
+
+
+def training_reference_stats(config, n: int | None, eval_config: EvalConfig) -> ReferenceStats:
+    """Inception statistics (and features) of the run's training images, cached on disk under
+    ``$SDIFF_CACHE/reference/`` keyed by the data config, the subset size and the weights, so
+    that the cells of an ablation grid (and reruns) extract them once."""
+    from sdiff.config import to_dict
+    from sdiff.inception_weights import cache_dir, resolve_weights
+
+    weights = resolve_weights(eval_config.weights)
+    key = json.dumps([to_dict(config.data), n, weights.description], sort_keys=True)
+    path = cache_dir() / "reference" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    if path.exists():
+        try:
+            return ReferenceStats.load(path)
+        except ValueError:
+            path.unlink(missing_ok=True)  # a damaged cache entry is recomputed, not trusted
+    images = training_reference(config, n)
+    stats = ReferenceStats.from_features(
+        inception_features(images, eval_config), weights.description, f"train (n={len(images)})"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    stats.save(tmp)
+    os.replace(tmp, path)
+    return stats
 
 
 def evaluate_run(
@@ -61,15 +88,19 @@ def evaluate_run(
     sample_s = time.perf_counter() - start
     if samples_dir is not None:
         save_folder(images, samples_dir)
-    ref = training_reference(config, reference_n) if reference == "train" else reference
     start = time.perf_counter()
+    if reference == "train":
+        ref = training_reference_stats(config, reference_n, eval_config)
+        reference_label = f"train (n={ref.num_images})"
+    else:
+        ref, reference_label = reference, reference
     result = evaluate(images, ref, eval_config)
     record = {
         "run": str(Path(run)),
         "checkpoint": str(checkpoint),
         "step": step,
         "weights": "ema" if ema else "raw",
-        "reference": reference if reference != "train" else f"train (n={len(ref)})",
+        "reference": reference_label,
         "sampling": {k: v for k, v in asdict(options).items() if k != "batch_size"},
         "sample_seconds": round(sample_s, 2),
         "eval_seconds": round(time.perf_counter() - start, 2),

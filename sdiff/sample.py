@@ -76,6 +76,8 @@ def generate(
 ) -> tuple[Tensor, Tensor | None]:
     """uint8 images (n, C, H, W) and their labels (or None for an unconditional model)."""
     m, o = config.model, options
+    if config.text.enabled:
+        return _generate_text(model, config, options, device)
     k = m.num_classes
     if o.labels is not None and not k:
         raise ValueError("labels were given but the model is unconditional")
@@ -101,6 +103,45 @@ def generate(
         if o.guidance:
             lo, hi = o.guidance_interval or (-math.inf, math.inf)
             guidance = Guidance(o.guidance, torch.full_like(cond, k), lo, hi)
+        x = get_sampler(o.sampler)(
+            denoise, noise, schedule=schedule, steps=o.steps, cond=cond, guidance=guidance,
+            clip_x=o.clip_x, generator=gen,
+        )  # fmt: skip
+        out.append(to_uint8(x.float()).cpu())
+    return torch.cat(out), labels
+
+
+@torch.no_grad()
+def _generate_text(model, config: RunConfig, o: SampleOptions, device) -> tuple[Tensor, Tensor]:
+    """Text-conditioned sampling: the classes' first captions (labels pick the classes), the
+    empty caption as the unconditional condition for guidance."""
+    from sdiff.data import build_dataset
+    from sdiff.text import build_caption_table
+
+    classes = list(build_dataset(config.data).classes)
+    table = build_caption_table(config.text, classes).to(device)
+    k = len(classes)
+    if o.labels is not None and any(not 0 <= c < k for c in o.labels):
+        raise ValueError(f"labels must lie in [0, {k - 1}]; got {list(o.labels)}")
+    pool = torch.tensor(o.labels if o.labels is not None else range(k))
+    labels = pool.repeat(math.ceil(o.n / len(pool)))[: o.n]
+    m = config.model
+    schedule = config.diffusion.schedule.build(m.resolution)
+    denoise = x_predictor(maybe_compile(model, enabled=o.compile), config.diffusion.prediction)
+    gen = torch.Generator(device=device).manual_seed(o.seed)
+    out = []
+    for start in range(0, o.n, o.batch_size):
+        b = min(o.batch_size, o.n - start)
+        noise = torch.randn(
+            b, m.in_channels, m.resolution, m.resolution, device=device, generator=gen
+        )
+        ids = table.for_labels(labels[start : start + b].to(device))
+        cond = table.condition(ids)
+        guidance = None
+        if o.guidance:
+            lo, hi = o.guidance_interval or (-math.inf, math.inf)
+            empty = table.condition(ids, torch.ones(b, dtype=torch.bool, device=device))
+            guidance = Guidance(o.guidance, empty, lo, hi)
         x = get_sampler(o.sampler)(
             denoise, noise, schedule=schedule, steps=o.steps, cond=cond, guidance=guidance,
             clip_x=o.clip_x, generator=gen,

@@ -166,6 +166,17 @@ class Trainer:
                 f"the dataset has {n_classes} classes but the model only {self.num_classes} "
                 f"(set model.num_classes={n_classes})"
             )
+        self.captions = None
+        if config.text.enabled:
+            from sdiff.text import build_caption_table
+
+            table = build_caption_table(config.text, list(self.dataset.classes))
+            if table.dim != config.model.text_dim:
+                raise ValueError(
+                    f"the text encoder gives {table.dim}-d embeddings but model.text_dim is "
+                    f"{config.model.text_dim}"
+                )
+            self.captions = table.to(self.device)
         self.batch_local = t.batch_size // self.dist.world
         if t.batch_size % self.dist.world:
             raise ValueError(
@@ -347,13 +358,20 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def prepare_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Flip and drop labels with the trainer's generator (checkpointed, so resumable)."""
+    def prepare_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Any]:
+        """Flip and drop labels (or pick and drop captions) with the trainer's generator
+        (checkpointed, so resumable)."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         b = x.shape[0]
         if self.config.data.random_flip:
             flip = torch.rand(b, device=self.device, generator=self.gen) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if self.captions is not None:  # a random caption of the class, or the empty one
+            k = self.captions.per_class
+            variant = torch.randint(0, k, (b,), device=self.device, generator=self.gen)
+            p = self.config.train.label_dropout
+            drop = torch.rand(b, device=self.device, generator=self.gen) < p
+            return x, self.captions.condition(self.captions.for_labels(y, variant), drop)
         if not self.num_classes:
             return x, None
         p = self.config.train.label_dropout
@@ -362,7 +380,7 @@ class Trainer:
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         return x, y
 
-    def train_step(self, x: Tensor, y: Tensor | None, *, t=None, noise=None) -> tuple[float, float]:
+    def train_step(self, x: Tensor, y: Any, *, t=None, noise=None) -> tuple[float, float]:
         """Loss, backward, clip, Adam, EMA. Returns (loss, grad norm) as floats."""
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step * self.config.train.batch_size)
@@ -520,6 +538,10 @@ class Trainer:
             n, m.in_channels, m.resolution, m.resolution, device=self.device, generator=gen
         )
         cond = torch.arange(n, device=self.device) % self.num_classes if self.num_classes else None
+        if self.captions is not None:
+            classes = len(self.captions.captions) // self.captions.per_class
+            labels = torch.arange(n, device=self.device) % classes
+            cond = self.captions.condition(self.captions.for_labels(labels))
         denoise = x_predictor(_unwrap(self.ema), self.config.diffusion.prediction)
         with self._autocast():
             x = get_sampler(t.sample_sampler)(

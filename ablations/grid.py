@@ -1,0 +1,149 @@
+"""A paper table as a grid of config overrides, and its expansion into cells.
+
+A ``Table`` names its rows and columns; each is a list of ``--set``-style overrides
+(``sdiff.config.apply_overrides``) applied to the scale preset's base config, columns first,
+then rows. A ``Scale`` (``smoke``, ``gpu``, ``paper``) gives the base config, the rows and
+columns run at that scale, and how cells are evaluated. Expanding a table at a scale gives
+``Cell``s; a cell is identified by the hash of its ``spec``: the resolved run config, the
+evaluation settings and the kind of work (train+evaluate, or a computation such as Table 1's).
+Same spec, same hash; any change of config or evaluation, a new hash, so a results store can
+tell finished work from work still to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sdiff.config import RunConfig, apply_overrides, to_dict
+
+__all__ = ["Axis", "Cell", "EvalSpec", "Scale", "Table", "cell_hash", "expand"]
+
+SCALES = ("smoke", "gpu", "paper")
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One row or column: a label and the overrides that make it."""
+
+    name: str
+    overrides: tuple[str, ...] = ()
+    label: str = ""  # as printed in the table (defaults to name)
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """How a trained cell is measured (part of the cell's hash)."""
+
+    n: int = 300  # generated samples
+    reference_n: int | None = 600  # training images as the reference (None: all)
+    steps: int = 32  # DDPM steps
+    guidance: float = 0.0  # guidance weight w
+    metrics: tuple[str, ...] = ("fid", "kid")
+
+
+@dataclass(frozen=True)
+class Scale:
+    base: Callable[[], RunConfig]
+    rows: tuple[Axis, ...]
+    columns: tuple[Axis, ...] = (Axis("all"),)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    cost: str = ""  # expected cost, for the docstring and --list
+    needs: tuple[str, ...] = ()  # overrides the user must give, e.g. ("data.root",)
+
+
+@dataclass(frozen=True)
+class Table:
+    number: int
+    name: str  # short alias, e.g. "schedule"
+    title: str
+    metrics: tuple[str, ...]  # what the table reports, in order
+    scales: dict[str, Scale]
+    aliases: tuple[str, ...] = ()
+    # the paper's numbers: {(row name, column name): {metric: value}}; blank where unknown
+    paper: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    # a computation instead of training (Table 1): (RunConfig) -> metrics
+    compute: Callable[[RunConfig], dict[str, float]] | None = None
+    notes: str = ""
+
+    def scale(self, name: str) -> Scale:
+        if name not in self.scales:
+            raise ValueError(
+                f"table {self.number} ({self.name}) has no preset {name!r}; "
+                f"choose one of {sorted(self.scales)}"
+            )
+        return self.scales[name]
+
+
+@dataclass(frozen=True)
+class Cell:
+    table: int
+    scale: str
+    row: str
+    column: str
+    config: RunConfig
+    eval: EvalSpec
+    kind: str  # "train" or "compute"
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """What fully determines the cell's result, as plain JSON."""
+        spec = {"kind": self.kind, "config": to_dict(self.config)}
+        if self.kind == "train":
+            spec["eval"] = asdict(self.eval)
+        return spec
+
+    @property
+    def hash(self) -> str:
+        return cell_hash(self.spec)
+
+
+def cell_hash(spec: dict[str, Any], length: int = 16) -> str:
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=list)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:length]
+
+
+def expand(
+    table: Table,
+    scale: str,
+    *,
+    rows: list[str] | None = None,
+    overrides: list[str] | None = None,
+) -> list[Cell]:
+    """Every cell of ``table`` at ``scale`` (rows x columns), optionally only some rows, with
+    extra overrides applied last (e.g. ``data.root=...`` for the gpu and paper scales)."""
+    s = table.scale(scale)
+    given = {o.partition("=")[0] for o in overrides or []}
+    missing = [key for key in s.needs if key not in given]
+    if missing:
+        raise ValueError(
+            f"table {table.number} at the {scale} scale needs "
+            + " ".join(f"--set {key}=..." for key in missing)
+            + (f" ({s.cost})" if s.cost else "")
+        )
+    known = [r.name for r in s.rows]
+    if rows:
+        unknown = sorted(set(rows) - set(known))
+        if unknown:
+            raise ValueError(
+                f"table {table.number} has no row(s) {unknown} at {scale}; rows: {known}"
+            )
+    cells = []
+    for row in s.rows:
+        if rows and row.name not in rows:
+            continue
+        for col in s.columns:
+            config = apply_overrides(s.base(), [*col.overrides, *row.overrides, *(overrides or [])])
+            kind = "compute" if table.compute is not None else "train"
+            cells.append(Cell(table.number, scale, row.name, col.name, config, s.eval, kind))
+    hashes = [c.hash for c in cells]
+    if len(set(hashes)) != len(hashes):
+        raise ValueError(f"table {table.number} at {scale}: two cells resolve to the same config")
+    return cells

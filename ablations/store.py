@@ -1,0 +1,502 @@
+"""The results store: one SQLite file per ablation output folder, one row per cell.
+
+    store = ResultsStore("runs/ablate/table2-smoke/results.sqlite")
+    store.add(cells)                              # pending rows; existing rows untouched
+    owner = new_owner()                           # "host:pid:token"
+    if store.claim(cell.hash, owner):             # atomic (BEGIN IMMEDIATE)
+        ...                                       # store.heartbeat(cell.hash, owner) meanwhile
+        store.finish(cell.hash, owner, metrics, wall_s=..., device=..., versions=...)
+
+Append-safe. Rows are only ever inserted (``INSERT OR IGNORE``: a cell already in the store is
+never touched by ``add``) and then moved through ``pending -> running -> done | failed``; every
+write is one transaction, so a crash, a kill or a full disk leaves every committed row as it
+was. Several processes (the runners of ``sdiff ablate``, their workers, SLURM jobs) share one
+store: WAL journal (readers never block the writer), a busy timeout, and ``BEGIN IMMEDIATE``
+around each read-decide-write so that two claimants of one cell cannot both win.
+
+Claiming (``claim``/``claim_next``): a ``pending`` cell can be claimed; a ``failed`` one only
+with ``retry_failed``; a ``done`` one never; a ``running`` one only when its owner is gone:
+its heartbeat is older than ``stale_after_s``, or it ran on this host and its process no longer
+exists (or, for an owner inside this very process, its runner has ended). ``heartbeat``,
+``finish``, ``fail`` and ``release`` take effect only for the current owner, so a runner whose
+claim was taken over cannot overwrite the new owner's result.
+
+The file carries a schema version in its ``meta`` table; a store written with another version
+is refused with both versions named, never migrated or overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "STATUSES",
+    "OwnershipLost",
+    "ResultsStore",
+    "StoreError",
+    "new_owner",
+    "owner_alive",
+    "retire_owner",
+]
+
+SCHEMA_VERSION = 1
+STATUSES = ("pending", "running", "done", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cells (
+    hash TEXT PRIMARY KEY,           -- Cell.hash: sha256 of the spec's canonical JSON
+    table_number INTEGER NOT NULL,
+    scale TEXT NOT NULL,
+    row_name TEXT NOT NULL,
+    column_name TEXT NOT NULL,
+    kind TEXT NOT NULL,              -- "train" or "compute"
+    spec TEXT NOT NULL,              -- Cell.spec as JSON: resolved config (+ eval settings)
+    config_hash TEXT NOT NULL,       -- sdiff.config.config_hash: the one checkpoints carry
+    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
+    metrics TEXT,                    -- JSON object, when done
+    wall_s REAL,                     -- seconds of the last attempt
+    attempts INTEGER NOT NULL DEFAULT 0,
+    added_at REAL NOT NULL,          -- unix times
+    started_at REAL,
+    finished_at REAL,
+    device TEXT,
+    versions TEXT,                   -- JSON: sdiff, torch, python
+    git_sha TEXT,
+    error TEXT,                      -- traceback of the last failed attempt
+    owner TEXT,                      -- "host:pid:token" of the runner that claimed it last
+    heartbeat REAL                   -- unix time, refreshed while running
+);
+CREATE INDEX IF NOT EXISTS cells_by_table ON cells (table_number, scale);
+"""
+
+_JSON_FIELDS = ("spec", "metrics", "versions")
+
+# Owners (runners) alive in this process: a claim whose owner names this process is live only
+# while its runner is (a runner that raised and ended left its claim behind).
+_LIVE_TOKENS: set[str] = set()
+_HOST = socket.gethostname()
+
+
+class StoreError(RuntimeError):
+    """The results store cannot be opened or written (named in the message)."""
+
+
+class OwnershipLost(StoreError):
+    """A write by a runner that no longer owns the cell (another runner took it over)."""
+
+
+def new_owner() -> str:
+    """A fresh owner id for one runner or worker: ``host:pid:token``."""
+    token = uuid.uuid4().hex[:8]
+    _LIVE_TOKENS.add(token)
+    return f"{_HOST}:{os.getpid()}:{token}"
+
+
+def retire_owner(owner: str) -> None:
+    """The runner that used ``owner`` has ended: its leftover claims become claimable."""
+    _LIVE_TOKENS.discard(owner.rsplit(":", 1)[-1])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, someone else's
+        return True
+    try:  # a killed child that nobody has reaped yet is a zombie: dead for our purposes
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def owner_alive(owner: str | None, heartbeat: float | None, stale_after_s: float) -> bool:
+    """Whether a running cell's claim still stands (see the module docstring)."""
+    if not owner or heartbeat is None or time.time() - heartbeat > stale_after_s:
+        return False
+    host, _, rest = owner.partition(":")
+    pid_text, _, token = rest.partition(":")
+    if host != _HOST or not pid_text.isdigit():
+        return True  # another machine: only its heartbeat tells
+    if int(pid_text) == os.getpid():
+        return token in _LIVE_TOKENS
+    return _pid_alive(int(pid_text))
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    return getattr(err, "sqlite_errorname", "") == "SQLITE_FULL" or "disk is full" in str(err)
+
+
+class _Connection(sqlite3.Connection):
+    """A plain sqlite3 connection; a Python subclass so tests can patch ``execute``."""
+
+
+class ResultsStore:
+    """One SQLite results file shared by every runner of a grid (see the module docstring).
+
+    ``stale_after_s``: a running cell whose heartbeat is older than this is taken to be
+    abandoned (runners refresh it every ``heartbeat_s`` of the runner, 30 s by default), so it
+    must comfortably exceed the heartbeat interval. ``journal``: ``"wal"`` (default) for
+    processes on one machine; ``"delete"`` (a rollback journal) for a store on a network
+    filesystem shared by several machines, where WAL's shared memory does not work.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        stale_after_s: float = 600.0,
+        busy_timeout_s: float = 60.0,
+        journal: str = "wal",
+    ) -> None:
+        if journal not in ("wal", "delete"):
+            raise ValueError(f"journal must be 'wal' or 'delete'; got {journal!r}")
+        self.path = Path(path)
+        self.stale_after_s = stale_after_s
+        self.busy_timeout_s = busy_timeout_s
+        self.journal = journal
+        self._local = threading.local()  # one connection per thread (heartbeat thread)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._init_schema()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- connections and transactions ----------------------------------------------------
+    def _open_connection(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=self.busy_timeout_s, isolation_level=None, factory=_Connection
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+        conn.execute("PRAGMA synchronous = FULL")  # a committed row survives a power cut
+        return conn
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = self._open_connection()
+            except sqlite3.OperationalError as err:
+                raise self._error("opening", err) from err
+            except sqlite3.DatabaseError as err:
+                raise StoreError(f"{self.path} is not a results store (sqlite: {err})") from err
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def __enter__(self) -> ResultsStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``: the write lock is taken up front, so the
+        reads inside it decide on data no one else can change before the commit)."""
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # SQLITE_FULL has already rolled it back
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as err:
+            raise self._error(what, err) from err
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"results store {self.path}: {what} failed: {err}") from err
+
+    def _error(self, what: str, err: sqlite3.Error) -> StoreError:
+        if _is_disk_full(err):
+            return StoreError(
+                f"results store {self.path}: {what} failed because the disk is full "
+                f"(sqlite: {err}). Nothing was written by this attempt; results recorded "
+                f"earlier are intact. Free some space and run again."
+            )
+        return StoreError(f"results store {self.path}: {what} failed: {err}")
+
+    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        try:
+            cur = self._conn.execute(sql, tuple(params))
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+        except sqlite3.Error as err:
+            raise StoreError(f"results store {self.path}: reading failed: {err}") from err
+
+    def _init_schema(self) -> None:
+        conn = self._conn
+        try:
+            mode = conn.execute(f"PRAGMA journal_mode = {self.journal}").fetchone()[0]
+        except sqlite3.OperationalError as err:
+            raise self._error("opening", err) from err
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"{self.path} is not a results store (sqlite: {err})") from err
+        if mode.lower() != self.journal:
+            raise StoreError(
+                f"results store {self.path}: cannot switch its journal to {self.journal!r} "
+                f"(it is {mode!r}; another process probably has it open)"
+            )
+        with self._transaction("creating the schema") as conn:
+            names = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            if names and "meta" not in names:
+                raise StoreError(
+                    f"{self.path} is an SQLite file but not a results store "
+                    f"(tables {sorted(names)}, no meta table); use another --out folder"
+                )
+            if not names:
+                for statement in _SCHEMA.split(";\n"):  # not executescript: it would commit
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)",
+                    [("schema_version", str(SCHEMA_VERSION)), ("created_at", _now_text())],
+                )
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        found = row[0] if row else None
+        if found != str(SCHEMA_VERSION):
+            raise StoreError(
+                f"results store {self.path} has schema version {found}, but this sdiff reads and "
+                f"writes version {SCHEMA_VERSION}; it is neither migrated nor overwritten: use "
+                f"the sdiff that wrote it, or another --out folder"
+            )
+
+    # -- writes ---------------------------------------------------------------------------
+    def add(self, cells: Iterable[Any]) -> int:
+        """Insert ``pending`` rows for cells not in the store yet; returns how many were new."""
+        from sdiff.config import config_hash
+
+        now = time.time()
+        rows = [
+            (
+                c.hash,
+                c.table,
+                c.scale,
+                c.row,
+                c.column,
+                c.kind,
+                json.dumps(c.spec, sort_keys=True),
+                config_hash(c.config),
+                now,
+            )
+            for c in cells
+        ]
+        with self._transaction("adding cells") as conn:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO cells (hash, table_number, scale, row_name, column_name, "
+                "kind, spec, config_hash, status, added_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                rows,
+            )
+            return conn.total_changes - before
+
+    def _claimable(
+        self, row: dict[str, Any], retry_failed: bool, failed_before: float | None
+    ) -> bool:
+        status = row["status"]
+        if status == "pending":
+            return True
+        if status == "failed":
+            finished = row["finished_at"] or 0.0
+            return retry_failed or (failed_before is not None and finished < failed_before)
+        if status == "running":
+            return not owner_alive(row["owner"], row["heartbeat"], self.stale_after_s)
+        return False
+
+    def claim_next(
+        self,
+        hashes: Iterable[str],
+        owner: str,
+        *,
+        retry_failed: bool = False,
+        failed_before: float | None = None,
+    ) -> str | None:
+        """Claim the first claimable cell among ``hashes`` (in order) for ``owner``; None if
+        there is none. Failed cells are claimable with ``retry_failed``, or when they failed
+        before ``failed_before`` (a unix time: "what had failed when this run started", so a
+        run retries each failed cell once, not again after it fails again)."""
+        hashes = list(hashes)
+        with self._transaction("claiming a cell") as conn:
+            found = {}
+            for i in range(0, len(hashes), 500):  # SQLite's bound-parameter limit
+                part = hashes[i : i + 500]
+                marks = ",".join("?" * len(part))
+                cur = conn.execute(
+                    "SELECT hash, status, owner, heartbeat, finished_at FROM cells "
+                    f"WHERE hash IN ({marks})",
+                    part,
+                )
+                for h, status, who, beat, finished in cur.fetchall():
+                    found[h] = {
+                        "status": status,
+                        "owner": who,
+                        "heartbeat": beat,
+                        "finished_at": finished,
+                    }
+            for h in hashes:
+                if h in found and self._claimable(found[h], retry_failed, failed_before):
+                    now = time.time()
+                    conn.execute(
+                        "UPDATE cells SET status = 'running', owner = ?, heartbeat = ?, "
+                        "started_at = ?, finished_at = NULL, attempts = attempts + 1 "
+                        "WHERE hash = ?",
+                        (owner, now, now, h),
+                    )
+                    return h
+        return None
+
+    def claim(self, hash: str, owner: str, *, retry_failed: bool = False) -> bool:
+        """Atomically take ``hash`` for ``owner`` if the claiming rules allow it."""
+        if self.get(hash) is None:
+            raise KeyError(f"cell {hash} is not in results store {self.path}")
+        return self.claim_next([hash], owner, retry_failed=retry_failed) == hash
+
+    def _owned_update(self, what: str, hash: str, owner: str, sets: str, params: tuple) -> None:
+        with self._transaction(what) as conn:
+            cur = conn.execute(
+                f"UPDATE cells SET {sets} WHERE hash = ? AND owner = ? AND status = 'running'",
+                (*params, hash, owner),
+            )
+            if cur.rowcount == 1:
+                return
+            now = conn.execute("SELECT status, owner FROM cells WHERE hash = ?", (hash,)).fetchone()
+        state = f"it is {now[0]}, owner {now[1]}" if now else "it is not in the store"
+        raise OwnershipLost(
+            f"results store {self.path}: {what} for cell {hash} refused: {owner} no longer "
+            f"owns it ({state})"
+        )
+
+    def heartbeat(self, hash: str, owner: str) -> None:
+        self._owned_update("heartbeat", hash, owner, "heartbeat = ?", (time.time(),))
+
+    def finish(
+        self,
+        hash: str,
+        owner: str,
+        metrics: dict[str, Any],
+        *,
+        wall_s: float | None = None,
+        device: str | None = None,
+        versions: dict[str, str] | None = None,
+        git_sha: str | None = None,
+    ) -> None:
+        """Record the result of a cell ``owner`` is running: status ``done``."""
+        self._owned_update(
+            "recording the result",
+            hash,
+            owner,
+            "status = 'done', metrics = ?, wall_s = ?, device = ?, versions = ?, git_sha = ?, "
+            "error = NULL, finished_at = ?, heartbeat = NULL",
+            (
+                json.dumps(metrics, sort_keys=True, default=str),
+                wall_s,
+                device,
+                json.dumps(versions or {}, sort_keys=True),
+                git_sha,
+                time.time(),
+            ),
+        )
+
+    def fail(
+        self,
+        hash: str,
+        owner: str,
+        error: str,
+        *,
+        wall_s: float | None = None,
+        device: str | None = None,
+        versions: dict[str, str] | None = None,
+        git_sha: str | None = None,
+    ) -> None:
+        """Record that the cell ``owner`` is running failed (``error``: the traceback)."""
+        self._owned_update(
+            "recording a failure",
+            hash,
+            owner,
+            "status = 'failed', error = ?, wall_s = ?, device = ?, versions = ?, git_sha = ?, "
+            "finished_at = ?, heartbeat = NULL",
+            (
+                error,
+                wall_s,
+                device,
+                json.dumps(versions or {}, sort_keys=True),
+                git_sha,
+                time.time(),
+            ),
+        )
+
+    def release(self, hash: str, owner: str) -> None:
+        """Give a claim back (the runner was interrupted): ``pending`` again."""
+        self._owned_update(
+            "releasing a claim", hash, owner, "status = 'pending', heartbeat = NULL", ()
+        )
+
+    # -- reads ----------------------------------------------------------------------------
+    def get(self, hash: str) -> dict[str, Any] | None:
+        rows = self._read("SELECT * FROM cells WHERE hash = ?", (hash,))
+        return _decode(rows[0]) if rows else None
+
+    def rows(
+        self,
+        table: int | None = None,
+        scale: str | None = None,
+        hashes: Iterable[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Rows (JSON fields decoded) in the order the cells were added; ``hashes`` keeps its
+        own order and skips hashes the store does not hold."""
+        where, params = [], []
+        if table is not None:
+            where.append("table_number = ?")
+            params.append(table)
+        if scale is not None:
+            where.append("scale = ?")
+            params.append(scale)
+        sql = "SELECT * FROM cells" + (f" WHERE {' AND '.join(where)}" if where else "")
+        rows = [_decode(r) for r in self._read(sql + " ORDER BY rowid", params)]
+        if hashes is None:
+            return rows
+        by_hash = {r["hash"]: r for r in rows}
+        return [by_hash[h] for h in hashes if h in by_hash]
+
+    def schema_version(self) -> int:
+        return int(self._read("SELECT value FROM meta WHERE key = 'schema_version'")[0]["value"])
+
+
+def _decode(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    for key in _JSON_FIELDS:
+        if out.get(key) is not None:
+            out[key] = json.loads(out[key])
+    return out
+
+
+def _now_text() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %z")
