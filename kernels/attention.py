@@ -389,17 +389,72 @@ def _kernels() -> dict[str, object]:
     return {"fwd": _fwd, "dkdv": _bwd_dkdv, "dq": _bwd_dq}
 
 
-def _launch_config(head_dim: int, backward: bool) -> dict[str, int]:
-    """Block sizes and warps. Interpreter: large tiles (fewer programs, faster on CPU). CUDA:
-    FlashAttention-2-style defaults for sm80/sm90, to be tuned on the GPU (issue 9)."""
+# Launch configurations (block sizes, warps, pipeline stages) per kernel, head dim and length
+# regime ("short": the query or key length the grid runs over is <= SHORT_LEN, the U-ViT's 256
+# tokens; "long" otherwise). ``SDIFF_ATTN_CONFIG`` (a JSON file of the same shape, written by
+# bench/gpu/tune_attention.py) or ``set_launch_configs`` overrides entries, for tuning on a GPU.
+SHORT_LEN = 512
+LAUNCH_CONFIGS: dict[str, dict[int, dict[str, dict[str, int]]]] = {
+    "fwd": {
+        64: {"short": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+             "long": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}},
+        128: {"short": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+              "long": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}},
+    },
+    "dkdv": {
+        64: {"short": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+             "long": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}},
+        128: {"short": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+              "long": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}},
+    },
+    "dq": {
+        64: {"short": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+             "long": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}},
+        128: {"short": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+              "long": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}},
+    },
+}  # fmt: skip
+_OVERRIDES: dict = {}
+_ENV_LOADED = False
+
+
+def set_launch_configs(overrides: dict | None) -> None:
+    """Override launch configs: {kind: {head_dim: {regime: cfg}}} (None clears)."""
+    global _ENV_LOADED
+    _OVERRIDES.clear()
+    _ENV_LOADED = True  # an explicit setting wins over the environment
+    for kind, by_dim in (overrides or {}).items():
+        for dim, by_regime in by_dim.items():
+            for regime, cfg in by_regime.items():
+                _OVERRIDES[(kind, int(dim), regime)] = dict(cfg)
+
+
+def _load_env_overrides() -> None:
+    global _ENV_LOADED
+    if _ENV_LOADED:
+        return
+    path = os.environ.get("SDIFF_ATTN_CONFIG")
+    if path:
+        import json
+
+        try:
+            set_launch_configs(json.loads(open(path).read()))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"SDIFF_ATTN_CONFIG={path}: not a readable JSON file ({err})") from err
+    _ENV_LOADED = True
+
+
+def _launch_config(head_dim: int, kind: str, length: int) -> dict[str, int]:
+    """Block sizes and warps of kernel ``kind`` ("fwd", "dkdv", "dq") whose grid runs over
+    ``length`` rows. Interpreter: large tiles (fewer programs, faster on CPU). CUDA: the table
+    above (head dims below 64 use the 64 entry), tuned on an H200 (issue 9)."""
     if interpreting():
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
-    if backward:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4 if head_dim <= 64 else 8,
-                "num_stages": 2}  # fmt: skip
-    if head_dim <= 64:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    _load_env_overrides()
+    regime = "short" if length <= SHORT_LEN else "long"
+    dim = 64 if head_dim <= 64 else 128
+    found = _OVERRIDES.get((kind, dim, regime))
+    return dict(found) if found else dict(LAUNCH_CONFIGS[kind][dim][regime])
 
 
 def _precision_args(q: Tensor) -> dict:
@@ -436,7 +491,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float)
     out = _result_like(q)
     lse = torch.empty(bsz, heads, lq, device=q.device, dtype=torch.float32)
     m, smb, smn, has_mask = _mask_args(q, mask)
-    cfg = _launch_config(d, backward=False)
+    cfg = _launch_config(d, "fwd", lq)
     grid = (triton_cdiv(lq, cfg["BLOCK_M"]), bsz * heads)
     _kernels()["fwd"][grid](
         q,
@@ -475,11 +530,11 @@ def _backward(dout, q, k, v, mask, out, lse, scale):
                for x in (q, k, v))  # fmt: skip
     dq, dk, dv = _result_like(q), _result_like(k), _result_like(v)
     m, smb, smn, has_mask = _mask_args(q, mask)
-    cfg = _launch_config(d, backward=True)
-    common = dict(HAS_MASK=has_mask, HEAD_DIM=d, **_precision_args(q), **cfg)
+    cfg_kv, cfg_q = _launch_config(d, "dkdv", lk), _launch_config(d, "dq", lq)
+    common = dict(HAS_MASK=has_mask, HEAD_DIM=d, **_precision_args(q))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), smb, smn)
     kern = _kernels()
-    kern["dkdv"][(triton_cdiv(lk, cfg["BLOCK_N"]), bsz * heads)](
+    kern["dkdv"][(triton_cdiv(lk, cfg_kv["BLOCK_N"]), bsz * heads)](
         q,
         k,
         v,
@@ -496,10 +551,12 @@ def _backward(dout, q, k, v, mask, out, lse, scale):
         scale,
         scale * LOG2E,
         **common,
+        **cfg_kv,
     )
-    kern["dq"][(triton_cdiv(lq, cfg["BLOCK_M"]), bsz * heads)](
-        q, k, v, m, dout, lse, delta, dq, *strides, heads, lq, lk, scale, scale * LOG2E, **common
-    )
+    kern["dq"][(triton_cdiv(lq, cfg_q["BLOCK_M"]), bsz * heads)](
+        q, k, v, m, dout, lse, delta, dq, *strides, heads, lq, lk, scale, scale * LOG2E,
+        **common, **cfg_q,
+    )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -186,3 +186,35 @@ def test_cuda_long_sequences(dtype, head_dim, length):
     for name, o, t, r in zip(["out", "dq", "dk", "dv"], ours, theirs, ref, strict=True):
         bound = 2 * max(max_err(t, r), max_err(r.to(dtype), r))
         assert max_err(o, r) <= bound, name
+
+
+def test_launch_config_table_and_overrides(monkeypatch, tmp_path):
+    """The CUDA launch configs: the table by kernel, head dim and length regime; overrides from
+    ``set_launch_configs`` and from the ``SDIFF_ATTN_CONFIG`` JSON file (the tuner's output)."""
+    import json
+
+    monkeypatch.setattr(kernel, "interpreting", lambda: False)
+    table = kernel.LAUNCH_CONFIGS
+    try:
+        kernel.set_launch_configs(None)
+        assert kernel._launch_config(128, "dq", 4096) == table["dq"][128]["long"]
+        assert kernel._launch_config(64, "fwd", 256) == table["fwd"][64]["short"]
+        assert kernel._launch_config(32, "dkdv", 513) == table["dkdv"][64]["long"]
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 2, "num_stages": 5}
+        kernel.set_launch_configs({"dq": {"128": {"short": cfg}}})
+        assert kernel._launch_config(128, "dq", 512) == cfg
+        assert kernel._launch_config(128, "dq", 513) == table["dq"][128]["long"]
+        path = tmp_path / "tuned.json"
+        path.write_text(json.dumps({"fwd": {"64": {"long": cfg}}}))
+        monkeypatch.setenv("SDIFF_ATTN_CONFIG", str(path))
+        monkeypatch.setattr(kernel, "_ENV_LOADED", False)
+        kernel._OVERRIDES.clear()
+        assert kernel._launch_config(64, "fwd", 1024) == cfg
+        assert kernel._launch_config(128, "dq", 256) == table["dq"][128]["short"]
+        path.write_text("not json")
+        monkeypatch.setattr(kernel, "_ENV_LOADED", False)
+        with pytest.raises(ValueError, match="SDIFF_ATTN_CONFIG"):
+            kernel._launch_config(64, "fwd", 1024)
+    finally:
+        kernel.set_launch_configs(None)
+        monkeypatch.setattr(kernel, "_ENV_LOADED", False)

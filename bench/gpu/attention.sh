@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# One prepared GPU run for the attention kernel: correctness tests on CUDA, then the benchmark.
-#   bench/gpu/attention.sh OUTDIR
-# Needs only torch, triton and pytest (the GPU image's); no install: the package is assembled
-# in a temporary folder (sdiff/ plus kernels/ as sdiff/kernels, the mapping pyproject.toml makes).
-# Writes: versions.txt, nvidia-smi.txt, kernel_tests.txt, attention.csv, attention.md, bench.txt.
+# One prepared GPU run for the attention kernel: tune the launch configs, run the kernel tests
+# on CUDA with the tuned configs, then the benchmark with them.
+#   bench/gpu/attention.sh OUTDIR          (about 4 minutes on one H100/H200)
+# Budgets in seconds (environment): ATTN_TUNE_S (100), ATTN_TEST_S (90), ATTN_BENCH_S (100).
+# Needs only torch, triton and pytest (the GPU image's; pytest-xdist is used when present);
+# no install: the package is assembled in a temporary folder (sdiff/ plus kernels/ as
+# sdiff/kernels, the mapping pyproject.toml makes).
+# Writes: versions.txt, nvidia-smi.txt, tune.csv, tuned.json, tune.txt, kernel_tests.txt,
+# attention.csv, attention.md, bench.txt. Copy tuned.json's winners into
+# kernels/attention.py's LAUNCH_CONFIGS to make them the default.
 set -uo pipefail
 OUT=${1:?usage: bench/gpu/attention.sh OUTDIR}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 SITE=$(mktemp -d)
 cp -r "$ROOT/sdiff" "$SITE/sdiff"
 cp -r "$ROOT/kernels" "$SITE/sdiff/kernels"
+cp -r "$ROOT/bench" "$SITE/sdiff/bench"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-export GIT_SHA=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+export GIT_SHA=${GIT_SHA:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 cd "$ROOT"
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
@@ -20,19 +28,26 @@ python - > "$OUT/versions.txt" 2>&1 <<'PY'
 import datetime, platform, torch, triton
 print("date", datetime.datetime.now().isoformat(timespec="seconds"))
 print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
-print("driver/cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+print("cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
 print("torch", torch.__version__, "triton", triton.__version__, "python", platform.python_version())
 PY
 cat "$OUT/versions.txt"
 
-# 1. kernel tests on CUDA: the float64 grid (fp32/fp16/bf16, head dims 32/64/128, ragged and
-#    cross/padded shapes), the mini-model test, and the long-sequence GPU tests
-timeout 240 python -m pytest -q -p no:cacheprovider -o addopts="" \
+# 1. tune: a few block/warp/stage candidates per kernel, head dim and length regime
+timeout "${ATTN_TUNE_S:-100}" python bench/gpu/tune_attention.py --out "$OUT/tuned.json" \
+    --csv "$OUT/tune.csv" --time-budget $(( ${ATTN_TUNE_S:-100} - 15 )) 2>&1 | tee "$OUT/tune.txt"
+echo "tune exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tune.txt"
+if [ -s "$OUT/tuned.json" ]; then export SDIFF_ATTN_CONFIG="$OUT/tuned.json"; fi
+
+# 2. kernel tests on CUDA with those configs: the float64 grid (fp32/fp16/bf16, head dims
+#    32/64/128, ragged and cross/padded shapes), the mini-model test, the long-sequence tests
+XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 4" || echo "")
+timeout "${ATTN_TEST_S:-90}" python -m pytest -q -p no:cacheprovider -o addopts="" $XDIST \
     tests/test_kernels_attention.py tests/test_attention.py 2>&1 | tee "$OUT/kernel_tests.txt"
 echo "kernel tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/kernel_tests.txt"
 
-# 2. the benchmark: bf16, head dims 64 and 128, 256 to 16k tokens, fwd and fwd+bwd
-timeout 330 python bench/bench_attention.py --csv "$OUT/attention.csv" \
+# 3. the benchmark: bf16, head dims 64 and 128, 256 to 16k tokens, fwd and fwd+bwd
+timeout "${ATTN_BENCH_S:-100}" python bench/bench_attention.py --csv "$OUT/attention.csv" \
     --markdown "$OUT/attention.md" 2>&1 | tee "$OUT/bench.txt"
 echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.txt"
 rm -rf "$SITE"
