@@ -34,9 +34,9 @@ cap() { local l; l=$(( $(left) - 5 )); [ "$1" -lt "$l" ] && echo "$1" || echo "$
 cd "$ROOT"
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-python -c "import torch, triton; print('gpu', torch.cuda.get_device_name(0)); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
+python3 -c "import torch, triton; print('gpu', torch.cuda.get_device_name(0)); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
     | tee "$OUT/versions.txt"
-TP="python -m sdiff.bench.throughput --csv $OUT/throughput.csv"
+TP="python3 -m sdiff.bench.throughput --csv $OUT/throughput.csv"
 
 # 1. the headline: U-ViT L at 256 (the paper's training shape), eager vs compiled, and SDPA
 timeout "$(cap 170)" $TP --presets uvit-l-256 --res 256 --batch 32 --compiled both --steps 8 \
@@ -45,11 +45,11 @@ timeout "$(cap 40)" $TP --presets uvit-l-256 --res 256 --batch 32 --backends sdp
     2>&1 | tee -a "$OUT/throughput_uvit_l_256.txt"
 
 # 2. the 512 memory profile of U-ViT L: estimate and measurement, with and without checkpointing
-timeout "$(cap 70)" python -c "from sdiff.bench.memory import memory_main; raise SystemExit(memory_main())" \
+timeout "$(cap 70)" python3 -c "from sdiff.bench.memory import memory_main; raise SystemExit(memory_main())" \
     --model uvit-l-512 --res 512 --batch 32 --budget-gib 80 --measure --json \
     > "$OUT/memory_b32.json" 2> "$OUT/memory_b32.err"
 echo "memory exit: $?"
-timeout "$(cap 40)" python bench/gpu/memory_cap.py --model uvit-l-512 --budget-gib 80 \
+timeout "$(cap 40)" python3 bench/gpu/memory_cap.py --model uvit-l-512 --budget-gib 80 \
     --json "$OUT/memory_cap.json" 2>&1 | tee "$OUT/memory_cap.txt"
 
 # 3. tiny presets, 64 to 512, eager vs compiled (each preset half of this step's time)
