@@ -31,7 +31,7 @@ BUDGET=${SUITE_S:-330}
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # at most $1 seconds, never more than what is left (minus 5 s for the wrap-up)
 cap() { local l; l=$(( $(left) - 5 )); [ "$1" -lt "$l" ] && echo "$1" || echo "$(( l > 1 ? l : 1 ))"; }
-cd "$ROOT"
+cd "$SITE"  # not the repository root: its sdiff/ (without bench/) would shadow the assembled one
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 python3 -c "import torch, triton; print('gpu', torch.cuda.get_device_name(0)); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
@@ -49,7 +49,7 @@ timeout "$(cap 70)" python3 -c "from sdiff.bench.memory import memory_main; rais
     --model uvit-l-512 --res 512 --batch 32 --budget-gib 80 --measure --json \
     > "$OUT/memory_b32.json" 2> "$OUT/memory_b32.err"
 echo "memory exit: $?"
-timeout "$(cap 40)" python3 bench/gpu/memory_cap.py --model uvit-l-512 --budget-gib 80 \
+timeout "$(cap 40)" python3 "$ROOT/bench/gpu/memory_cap.py" --model uvit-l-512 --budget-gib 80 \
     --json "$OUT/memory_cap.json" 2>&1 | tee "$OUT/memory_cap.txt"
 
 # 3. tiny presets, 64 to 512, eager vs compiled (each preset half of this step's time)
