@@ -131,6 +131,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr,
+        EVEN_K: tl.constexpr,  # LK % BLOCK_N == 0 and no padding mask: no key masking at all
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -151,27 +152,29 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         for start in range(0, LK, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            key_ok = offs_n < LK
-            kt = tl.load(
-                K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                mask=key_ok[None, :],
-                other=0.0,
-            )  # (D, BLOCK_N)
-            v = tl.load(
-                V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                mask=key_ok[:, None],
-                other=0.0,
-            )  # (BLOCK_N, D)
+            kt_ptrs = K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd
+            v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
+            if EVEN_K:
+                kt = tl.load(kt_ptrs)  # (D, BLOCK_N)
+                v = tl.load(v_ptrs)  # (BLOCK_N, D)
+            else:
+                key_ok = offs_n < LK
+                kt = tl.load(kt_ptrs, mask=key_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
             if DOT_FP32:
                 kt = kt.to(tl.float32)
                 v = v.to(tl.float32)
-            if HAS_MASK:
-                pad = tl.load(M + b * smb + offs_n * smn, mask=key_ok, other=1)
-                key_ok = key_ok & (pad == 0)
             s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2e  # (BLOCK_M, BLOCK_N)
-            s = tl.where(key_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+            if EVEN_K:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_base = m_new  # every row has seen a key
+            else:
+                if HAS_MASK:
+                    pad = tl.load(M + b * smb + offs_n * smn, mask=key_ok, other=1)
+                    key_ok = key_ok & (pad == 0)
+                s = tl.where(key_ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
             alpha = tl.math.exp2(m_i - m_base)
             p = tl.math.exp2(s - m_base[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
@@ -384,34 +387,74 @@ if triton is not None:
             mask=q_valid[:, None],
         )
 
+    @triton.jit
+    def _bwd_delta(
+        O,
+        DO,
+        DELTA,
+        sob,
+        soh,
+        som,
+        sod,
+        sdb,
+        sdh,
+        sdm,
+        sdd,
+        H,
+        LQ,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):
+        """delta = rowsum(dO * O) in fp32, without fp32 copies of dO and O."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        valid = offs_m < LQ
+        o = tl.load(
+            O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+            mask=valid[:, None],
+            other=0.0,
+        ).to(tl.float32)
+        do = tl.load(
+            DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
+            mask=valid[:, None],
+            other=0.0,
+        ).to(tl.float32)
+        tl.store(DELTA + bh * LQ + offs_m, tl.sum(o * do, 1), mask=valid)
+
 
 def _kernels() -> dict[str, object]:
-    return {"fwd": _fwd, "dkdv": _bwd_dkdv, "dq": _bwd_dq}
+    return {"fwd": _fwd, "dkdv": _bwd_dkdv, "dq": _bwd_dq, "delta": _bwd_delta}
 
 
 # Launch configurations (block sizes, warps, pipeline stages) per kernel, head dim and length
 # regime ("short": the query or key length the grid runs over is <= SHORT_LEN, the U-ViT's 256
 # tokens; "long" otherwise). ``SDIFF_ATTN_CONFIG`` (a JSON file of the same shape, written by
 # bench/gpu/tune_attention.py) or ``set_launch_configs`` overrides entries, for tuning on a GPU.
+# The table is the tuner's choice on an NVIDIA H200 (torch 2.11, triton 3.6; 2026-11-26,
+# reports/gpu/attention_tune.csv): bf16, width 2048, N = 256 (batch 64) and N = 4096 (batch 4).
 SHORT_LEN = 512
 LAUNCH_CONFIGS: dict[str, dict[int, dict[str, dict[str, int]]]] = {
     "fwd": {
-        64: {"short": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+        64: {"short": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
              "long": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}},
-        128: {"short": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-              "long": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}},
+        128: {"short": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+             "long": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}},
     },
     "dkdv": {
-        64: {"short": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+        64: {"short": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+             "long": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}},
+        128: {"short": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
              "long": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}},
-        128: {"short": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-              "long": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}},
     },
     "dq": {
-        64: {"short": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+        64: {"short": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
              "long": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}},
-        128: {"short": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-              "long": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}},
+        128: {"short": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+             "long": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}},
     },
 }  # fmt: skip
 _OVERRIDES: dict = {}
@@ -513,6 +556,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float)
         HAS_MASK=has_mask,
         HEAD_DIM=d,
         **_precision_args(q),
+        EVEN_K=not has_mask and lk % cfg["BLOCK_N"] == 0,
         **cfg,
     )
     return out.to(q.dtype), lse
@@ -522,7 +566,10 @@ def _backward(dout, q, k, v, mask, out, lse, scale):
     bsz, heads, lq, d = q.shape
     lk = k.shape[2]
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
-    delta = (dout.float() * out.float()).sum(-1).contiguous()  # (B, H, Lq): rowsum(dO * O)
+    delta = torch.empty(bsz, heads, lq, device=q.device, dtype=torch.float32)
+    _kernels()["delta"][(triton_cdiv(lq, 64), bsz * heads)](
+        out, dout, delta, *out.stride(), *dout.stride(), heads, lq, HEAD_DIM=d, BLOCK_M=64
+    )  # (B, H, Lq): rowsum(dO * O)
     # dq, dk and dv are written with q's, k's and v's strides: a non-dense view (a chunk of a
     # fused qkv projection) is first copied into ``empty_like``'s dense layout, which is also
     # what the fake implementation promises to torch.compile

@@ -29,6 +29,7 @@ SHAPES = [
     (1, 2, 257, 257, None),  # one past a multiple of 64
     (2, 2, 64, 130, None),  # cross-attention: more keys than queries
     (2, 1, 100, 77, 40),  # cross-attention with a padded caption
+    (1, 2, 96, 128, None),  # key length a multiple of the block: the unmasked (EVEN_K) loop
 ]
 
 

@@ -34,20 +34,22 @@ PY
 cat "$OUT/versions.txt"
 
 # 1. tune: a few block/warp/stage candidates per kernel, head dim and length regime
-timeout "${ATTN_TUNE_S:-100}" python3 bench/gpu/tune_attention.py --out "$OUT/tuned.json" \
+(cd "$SITE" && timeout "${ATTN_TUNE_S:-100}" python3 "$ROOT/bench/gpu/tune_attention.py" --out "$OUT/tuned.json" \
     --csv "$OUT/tune.csv" --time-budget $(( ${ATTN_TUNE_S:-100} - 15 )) 2>&1 | tee "$OUT/tune.txt"
-echo "tune exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tune.txt"
+  echo "tune exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tune.txt")
 if [ -s "$OUT/tuned.json" ]; then export SDIFF_ATTN_CONFIG="$OUT/tuned.json"; fi
 
 # 2. kernel tests on CUDA with those configs: the float64 grid (fp32/fp16/bf16, head dims
 #    32/64/128, ragged and cross/padded shapes), the mini-model test, the long-sequence tests
+#    (run from the assembled package: the repository root's sdiff/ lacks kernels/)
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4" || echo "")
-timeout "${ATTN_TEST_S:-90}" python3 -m pytest -q -p no:cacheprovider -o addopts="" $XDIST \
-    tests/test_kernels_attention.py tests/test_attention.py 2>&1 | tee "$OUT/kernel_tests.txt"
-echo "kernel tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/kernel_tests.txt"
+(cd "$SITE" && timeout "${ATTN_TEST_S:-90}" python3 -m pytest -q -p no:cacheprovider \
+    -o addopts="" --rootdir "$ROOT" $XDIST "$ROOT/tests/test_kernels_attention.py" \
+    "$ROOT/tests/test_attention.py" 2>&1 | tee "$OUT/kernel_tests.txt"
+  echo "kernel tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/kernel_tests.txt")
 
 # 3. the benchmark: bf16, head dims 64 and 128, 256 to 16k tokens, fwd and fwd+bwd
-timeout "${ATTN_BENCH_S:-100}" python3 bench/bench_attention.py --csv "$OUT/attention.csv" \
+(cd "$SITE" && timeout "${ATTN_BENCH_S:-100}" python3 "$ROOT/bench/bench_attention.py" --csv "$OUT/attention.csv" \
     --markdown "$OUT/attention.md" 2>&1 | tee "$OUT/bench.txt"
-echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.txt"
+  echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.txt")
 rm -rf "$SITE"

@@ -12,6 +12,7 @@ the largest batch is in the hundreds and its step takes too long for a GPU check
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 from pathlib import Path
 
@@ -24,16 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="uvit-l-512")
     p.add_argument("--budget-gib", type=float, default=80.0)
-    p.add_argument("--extra", type=int, nargs="+", default=[0, 2], help="batches past the estimate")
+    p.add_argument("--step", type=int, default=2, help="batch step between tries")
+    p.add_argument("--tries", type=int, default=4)
     p.add_argument("--json", required=True)
     a = p.parse_args(argv)
     budget = int(a.budget_gib * GiB)
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), 0)
     est = largest_batch(a.model, budget)
-    rows = []
-    for extra in a.extra:
-        batch = est + extra
+    rows: list[dict] = []
+
+    def attempt(batch: int) -> bool:
         estimate = estimate_training_memory(a.model, batch).peak / GiB
         row = {"model": a.model, "budget_gib": a.budget_gib, "estimated_largest": est,
                "batch": batch, "estimated_peak_gib": estimate}  # fmt: skip
@@ -43,9 +45,20 @@ def main(argv: list[str] | None = None) -> int:
         except torch.OutOfMemoryError as err:
             row |= {"status": "out of memory", "error": str(err).splitlines()[0][:200]}
         finally:
+            gc.collect()  # the failed step's tensors, held by reference cycles
             torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)
+        return row["status"] == "fits"
+
+    # from the estimate: up by ``step`` while it fits, else down until it does (a few tries)
+    batch = est
+    if attempt(batch):
+        while len(rows) < a.tries and attempt(batch + a.step):
+            batch += a.step
+    else:
+        while len(rows) < a.tries and batch - a.step >= 1 and not attempt(batch - a.step):
+            batch -= a.step
     Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0
 
