@@ -441,20 +441,20 @@ LAUNCH_CONFIGS: dict[str, dict[int, dict[str, dict[str, int]]]] = {
     "fwd": {
         64: {"short": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
              "long": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}},
-        128: {"short": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-             "long": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}},
+        128: {"short": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
+             "long": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}},
     },
     "dkdv": {
         64: {"short": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
              "long": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}},
-        128: {"short": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+        128: {"short": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4},
              "long": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}},
     },
     "dq": {
         64: {"short": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
              "long": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}},
-        128: {"short": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-             "long": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}},
+        128: {"short": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4},
+             "long": {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}},
     },
 }  # fmt: skip
 _OVERRIDES: dict = {}

@@ -54,8 +54,8 @@ timeout "$(cap 40)" python3 "$ROOT/bench/gpu/memory_cap.py" --model uvit-l-512 -
 
 # 3. tiny presets, 64 to 512, eager vs compiled (each preset half of this step's time)
 for P in uvit-tiny-32 unet-tiny-32; do
-  timeout "$(cap 45)" $TP --presets $P --res 64 128 256 512 --batch 32 --compiled both \
-      --steps 10 --time-budget "$(( $(cap 45) - 15 ))" 2>&1 | tee -a "$OUT/throughput_tiny.txt"
+  timeout "$(cap 90)" $TP --presets $P --res 64 128 256 512 --batch 32 --compiled both \
+      --steps 10 --time-budget "$(( $(cap 90) - 30 ))" 2>&1 | tee -a "$OUT/throughput_tiny.txt"
 done
 
 # 4. the paper presets (eager): at 512, batch 8; the U-Nets at their own resolutions
