@@ -24,7 +24,7 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	touch $@
 
 demo: $(VENV)/.core
-	$(BIN)/sdiff demo --out runs/demo
+	$(BIN)/sdiff demo --table 2 --out runs/demo
 
 test: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -5,13 +5,15 @@ Commands so far:
                   existing run folder; under torchrun it trains on every process
   sample          draw images from a trained run (EMA weights by default)
   ablate          run a paper table's grid (``sdiff ablate 2 --preset smoke --out DIR``)
+  report          the paper's tables from the results stores, plots, index (``sdiff report 2``)
   bench           training/sampling throughput table (``sdiff bench memory``: 512 px profile)
   models          every model preset with its parameters and multiply-accumulates per forward
   schedule        print (or write as CSV) a logSNR schedule with alpha and sigma on a t grid
   sampler-check   run the samplers with the exact denoiser of a Gaussian mixture and compare
                   the samples' moments with the data's (see sdiff.sampler_check)
   eval            FID / KID / precision-recall of a run (generating its samples) or a folder
-  demo            the main job on the bundled digits: train, sample a grid, evaluate
+  demo            the main job: ``--table 2`` runs Table 2's smoke grid and writes its report
+                  (``make demo``); without it, one digits model: train, sample a grid, evaluate
 """
 
 from __future__ import annotations
@@ -127,8 +129,34 @@ def cmd_sampler_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo_table(args: argparse.Namespace) -> int:
+    """``make demo``: a table's smoke grid (resumable: a rerun skips finished cells), then its
+    report (table, plots, sample grids) under OUT/report; prints the report's path."""
+    from sdiff.ablations import get_table
+    from sdiff.ablations.runner import run_grid
+    from sdiff.report import build_table_report, load_cells, to_markdown, write_table_report
+
+    start = time.perf_counter()
+    table = get_table(args.table)
+    out = Path(args.out)
+    store_dir = out / f"table{table.number}-smoke"
+    rows = run_grid(table, "smoke", store_dir, overrides=args.set, device=args.device,
+                    progress=not args.no_progress)  # fmt: skip
+    failed = [r for r in rows if r["status"] != "done"]
+    report = build_table_report(table, "smoke", load_cells([store_dir]))
+    paths = write_table_report(report, out / "report")
+    print("\n" + to_markdown(report.frame))
+    print(f"{len(rows) - len(failed)} of {len(rows)} cells done in "
+          f"{(time.perf_counter() - start) / 60:.1f} min")  # fmt: skip
+    print(f"results: {paths['markdown'].resolve()} (plots and sample grids beside it; store "
+          f"{(store_dir / 'results.sqlite').resolve()})")  # fmt: skip
+    return 1 if failed else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train the digits preset on CPU, sample a grid, evaluate FID/KID, write a summary."""
+    if args.table:
+        return cmd_demo_table(args)
     from sdiff.evaluate import EvalConfig
     from sdiff.images import save_grid
     from sdiff.run_eval import evaluate_run
@@ -344,6 +372,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return ablate_main(list(args.rest))
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from sdiff.report import report_main
+
+    return report_main(list(args.rest))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     rest = list(args.rest)
     if rest and rest[0] == "memory":
@@ -400,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_ablate)
 
+    p = sub.add_parser("report", add_help=False, help="tables, plots, index; `sdiff report --help`")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser(
         "bench", add_help=False, help="throughput table; `sdiff bench memory --help` for memory"
     )
@@ -422,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/sampler-check")
     p.set_defaults(func=cmd_sampler_check)
 
-    p = sub.add_parser("demo", help="train on the bundled digits, sample, evaluate (CPU)")
+    p = sub.add_parser("demo", help="the main job (CPU): --table 2, or one digits model")
+    p.add_argument("--table", help="run this table's smoke grid and write its report (make demo)")
     p.add_argument("--preset", default="digits")
     p.add_argument("--config", help="a config.json instead of the preset")
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE")
@@ -444,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(command="bench", rest=argv[1:], func=cmd_bench)
     elif argv and argv[0] == "ablate":  # the runner's own parser takes the rest
         args = argparse.Namespace(command="ablate", rest=argv[1:], func=cmd_ablate)
+    elif argv and argv[0] == "report":
+        args = argparse.Namespace(command="report", rest=argv[1:], func=cmd_report)
     else:
         args = build_parser().parse_args(argv)
     try:

@@ -1,0 +1,742 @@
+"""Reports: the paper's tables from the results stores, with the paper's numbers beside ours,
+plots, sample grids and an index.
+
+    sdiff report 2                        # runs/ablate/table2-smoke -> reports/tables/...
+    sdiff report 2 --scale gpu --store runs/ablate/table2-gpu
+    sdiff report --all                    # every store under runs/ablate, bench plots, index
+
+Per table and scale (``reports/tables/table<N>-<scale>.md`` and ``.tex``): the table laid out
+as the paper's (its rows, its columns), each cell "ours" (the mean over the cells that share a
+row and column, i.e. several seeds run into the same store or several stores, with the standard
+deviation and the count when there are more than one) beside "paper" (PAPER.md's number, a dash
+where our text of the paper has none), and a header naming the scale, the samples and reference
+images behind each FID, the sampler steps, the devices, git SHAs and wall time. Plots (PNG,
+``reports/plots/``): training loss per cell, FID/KID per cell; the cells' last sample grids are
+copied to ``reports/samples/``. Table 7 is a comparison table: the literature rows of PAPER.md,
+then ours, grouped by scale.
+
+``--all`` also plots the benchmark CSVs (throughput and peak memory against resolution per
+preset and device; attention TFLOP/s against sequence length per backend) and writes
+``reports/index.md`` linking everything. pandas holds the tables; markdown and LaTeX are
+rendered here (no optional pandas dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+__all__ = [
+    "TableReport",
+    "bench_plots",
+    "build_table_report",
+    "find_stores",
+    "load_cells",
+    "plot_curves",
+    "plot_metrics",
+    "report_main",
+    "to_latex",
+    "to_markdown",
+    "write_index",
+    "write_table_report",
+]
+
+SCALES = ("smoke", "gpu", "paper")
+STORE_NAME = "results.sqlite"
+DEFAULT_RUNS = "runs/ablate"
+DEFAULT_OUT = "reports"
+METRIC_NAMES = {
+    "fid": "FID",
+    "kid_mean": "KID",
+    "isc_mean": "IS",
+    "fid_train": "FID train",
+    "fid_eval": "FID eval",
+    "isc": "IS",
+    "params": "params",
+    "gmacs": "GMACs",
+    "train_img_s": "train img/s",
+    "kernel_mib": "kernel MiB",
+    "feature_gib": "feature map GiB",
+    "ratio": "feature / kernel",
+}
+DASH = "–"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading stores
+
+
+def _store_path(path: str | Path) -> Path:
+    p = Path(path)
+    return p / STORE_NAME if p.is_dir() else p
+
+
+def find_stores(runs_dir: str | Path) -> list[Path]:
+    """Every results store under ``runs_dir`` (``*/results.sqlite``, one level down, and
+    ``runs_dir/results.sqlite`` itself), sorted."""
+    root = Path(runs_dir)
+    found = sorted(root.glob(f"*/{STORE_NAME}"))
+    if (root / STORE_NAME).exists():
+        found.insert(0, root / STORE_NAME)
+    return found
+
+
+def load_cells(stores: Iterable[str | Path]) -> pd.DataFrame:
+    """All cells of the given stores as one DataFrame: table, scale, row, column, status,
+    the metrics (one column each), seed, eval settings, device, git SHA, wall time, the store
+    and the cell's run folder. A missing, corrupt or incompatible store raises a ValueError
+    naming it (nothing is created or changed)."""
+    from sdiff.ablations.store import ResultsStore, StoreError
+
+    records: list[dict[str, Any]] = []
+    for given in stores:
+        path = _store_path(given)
+        if not path.is_file():
+            raise ValueError(
+                f"no results store at {path}: run `sdiff ablate TABLE --out {path.parent}` first "
+                f"(or give --store the folder or file the runner wrote)"
+            )
+        try:
+            with ResultsStore(path) as store:
+                rows = store.rows()
+        except StoreError as err:
+            raise ValueError(str(err)) from err
+        for r in rows:
+            spec = r.get("spec") or {}
+            config = spec.get("config", {})
+            ev = spec.get("eval", {})
+            rec = {
+                "table": r["table_number"],
+                "scale": r["scale"],
+                "row": r["row_name"],
+                "column": r["column_name"],
+                "status": r["status"],
+                "hash": r["hash"],
+                "seed": config.get("train", {}).get("seed"),
+                "eval_n": ev.get("n"),
+                "reference_n": ev.get("reference_n"),
+                "eval_steps": ev.get("steps"),
+                "guidance": ev.get("guidance"),
+                "device": r.get("device"),
+                "git_sha": r.get("git_sha"),
+                "wall_s": r.get("wall_s"),
+                "finished_at": r.get("finished_at"),
+                "error": (r.get("error") or "").strip().splitlines()[-1:] or None,
+                "store": str(path),
+                "run_dir": str(path.parent / "cells" / r["hash"]),
+            }
+            if rec["error"]:
+                rec["error"] = rec["error"][0]
+            for k, v in (r.get("metrics") or {}).items():
+                rec[f"m.{k}"] = v
+            records.append(rec)
+    return pd.DataFrame.from_records(records)
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+
+
+def fmt_number(metric: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return DASH
+    base = metric.split("@")[0]
+    if base == "params":
+        return f"{value / 1e6:.2f}M"
+    if base.startswith("kid"):
+        return f"{value:.4f}"
+    if base in ("fid", "fid_train", "fid_eval", "isc", "isc_mean", "train_img_s"):
+        return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
+    return f"{value:.4g}"
+
+
+def fmt_cell(metric: str, values: Sequence[float]) -> str:
+    """One value as it is; several as mean ± sample std (n)."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not vals:
+        return DASH
+    if len(vals) == 1:
+        return fmt_number(metric, vals[0])
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+    return f"{fmt_number(metric, mean)} ± {fmt_number(metric, std)} (n={len(vals)})"
+
+
+def to_markdown(df: pd.DataFrame, index_name: str = "") -> str:
+    """A pipe table of the DataFrame (index as the first column; string cells)."""
+    cols = [index_name or (df.index.name or "")] + [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for idx, row in df.iterrows():
+        cells = [str(idx)] + ["" if v is None else str(v) for v in row.tolist()]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"$\pm$",
+    "–": "--",
+}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def to_latex(df: pd.DataFrame, caption: str, label: str, index_name: str = "") -> str:
+    """A booktabs table of the DataFrame (string cells, escaped)."""
+    cols = [index_name or (df.index.name or "")] + [str(c) for c in df.columns]
+    spec = "l" + "r" * len(df.columns)
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\caption{{{latex_escape(caption)}}}",
+        rf"\label{{{label}}}",
+        rf"\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+        " & ".join(latex_escape(c) for c in cols) + r" \\",
+        r"\midrule",
+    ]
+    for idx, row in df.iterrows():
+        cells = [str(idx)] + ["" if v is None else str(v) for v in row.tolist()]
+        lines.append(" & ".join(latex_escape(c) for c in cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# One table
+
+
+@dataclass
+class TableReport:
+    table: Any  # sdiff.ablations.grid.Table
+    scale: str
+    cells: pd.DataFrame  # this table and scale only
+    frame: pd.DataFrame  # the paper-layout table (strings)
+    header: list[str]  # lines of provenance
+    extra: list[tuple[str, pd.DataFrame]]  # further tables (Table 7's literature)
+
+
+def _metric_values(cells: pd.DataFrame, metric: str) -> list[float]:
+    col = f"m.{metric}"
+    if col not in cells.columns:
+        return []
+    return [float(v) for v in cells[col].tolist() if v is not None and not pd.isna(v)]
+
+
+def _status_note(cells: pd.DataFrame) -> str:
+    counts = cells["status"].value_counts().to_dict()
+    if counts.get("done", 0) == len(cells):
+        return ""
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if s != "done")
+
+
+def _paper_value(table, row: str, column: str, metric: str) -> float | None:
+    return (table.paper.get((row, column)) or {}).get(metric)
+
+
+def _grid_frame(table, scale: str, cells: pd.DataFrame) -> pd.DataFrame:
+    """Rows = the table's rows; for each column of the table and each metric: ours, paper."""
+    s = table.scale(scale)
+    data: dict[str, list[str]] = {}
+    index = []
+    multi_col = len(s.columns) > 1
+    for row in s.rows:
+        index.append(row.title)
+        for col in s.columns:
+            here = cells[(cells["row"] == row.name) & (cells["column"] == col.name)]
+            done = here[here["status"] == "done"]
+            for metric in table.metrics:
+                name = METRIC_NAMES.get(metric, metric)
+                prefix = f"{col.title}: " if multi_col else ""
+                ours = fmt_cell(metric, _metric_values(done, metric)) if len(done) else DASH
+                note = _status_note(here) if len(here) else "not run"
+                if note:
+                    ours = f"{ours} ({note})" if ours != DASH else note
+                data.setdefault(f"{prefix}{name} (ours)", []).append(ours)
+                paper = _paper_value(table, row.name, col.name, metric)
+                data.setdefault(f"{prefix}{name} (paper)", []).append(fmt_number(metric, paper))
+    frame = pd.DataFrame(data, index=pd.Index(index, name="row"))
+    return frame
+
+
+def _per_side_frame(table, scale: str, cells: pd.DataFrame) -> pd.DataFrame:
+    """Table 1's layout: one row per (model, side), metrics as columns."""
+    s = table.scale(scale)
+    records, index = [], []
+    for row in s.rows:
+        here = cells[(cells["row"] == row.name) & (cells["status"] == "done")]
+        if not len(here):
+            continue
+        sides = sorted(
+            {int(c.split("@")[1]) for c in here.columns if c.startswith("m.") and "@" in c},
+            reverse=True,
+        )
+        for side in sides:
+            index.append(f"{row.title}, {side}x{side}")
+            rec = {}
+            for metric in table.metrics:
+                key = f"{metric}@{side}"
+                name = METRIC_NAMES.get(metric, metric)
+                rec[f"{name} (ours)"] = fmt_cell(key, _metric_values(here, key))
+                rec[f"{name} (paper)"] = DASH
+            records.append(rec)
+    return pd.DataFrame.from_records(records, index=pd.Index(index, name="level"))
+
+
+def _literature_frame(table) -> pd.DataFrame:
+    records, index = [], []
+    for (name, res), values in table.paper.items():
+        index.append(f"{name}, {res} px")
+        records.append(
+            {METRIC_NAMES.get(k, k): fmt_number(k, v) for k, v in values.items()}
+            | {"scale": "paper (as cited in PAPER.md)"}
+        )
+    return pd.DataFrame.from_records(records, index=pd.Index(index, name="model"))
+
+
+def _ours_frame(table, cells: pd.DataFrame) -> pd.DataFrame:
+    """Table 7: our rows, whatever scales were run, labelled with their scale."""
+    records, index = [], []
+    for scale in SCALES:
+        if scale not in table.scales:
+            continue
+        s = table.scales[scale]
+        here = cells[cells["scale"] == scale]
+        for row in s.rows:
+            for col in s.columns:
+                c = here[(here["row"] == row.name) & (here["column"] == col.name)]
+                done = c[c["status"] == "done"]
+                if not len(c):
+                    continue
+                label = row.title if len(s.columns) == 1 else f"{row.title}, {col.title}"
+                n = done["eval_n"].dropna().astype(int).unique().tolist()
+                index.append(label)
+                records.append(
+                    {
+                        "FID (ours, vs train)": fmt_cell("fid", _metric_values(done, "fid")),
+                        "KID": fmt_cell("kid_mean", _metric_values(done, "kid_mean")),
+                        "IS": fmt_cell("isc_mean", _metric_values(done, "isc_mean")),
+                        "scale": scale,
+                        "samples": ", ".join(str(x) for x in n) or DASH,
+                        "guidance w": fmt_number("w", done["guidance"].dropna().max())
+                        if len(done)
+                        else DASH,
+                        "status": _status_note(c) or "done",
+                    }
+                )
+    return pd.DataFrame.from_records(records, index=pd.Index(index, name="model"))
+
+
+def _header(table, scale: str, cells: pd.DataFrame) -> list[str]:
+    done = cells[cells["status"] == "done"]
+    lines = [f"Scale: **{scale}**. Cells: {len(done)} done of {len(cells)}."]
+    if table.compute is None and len(done):
+        n = sorted(done["eval_n"].dropna().astype(int).unique().tolist())
+        ref = sorted(done["reference_n"].dropna().astype(int).unique().tolist())
+        steps = sorted(done["eval_steps"].dropna().astype(int).unique().tolist())
+        w = sorted(done["guidance"].dropna().unique().tolist())
+        fx = sorted({str(v) for v in done.get("m.feature_extractor", pd.Series()).dropna()})
+        lines.append(
+            f"FID/KID of {', '.join(map(str, n))} generated samples against "
+            f"{', '.join(map(str, ref))} training images, {', '.join(map(str, steps))} DDPM "
+            f"steps, guidance w = {', '.join(f'{x:g}' for x in w)}; features: "
+            f"{'; '.join(fx) or 'n/a'}."
+        )
+        seeds = sorted(done["seed"].dropna().astype(int).unique().tolist())
+        lines.append(
+            f"Seeds: {', '.join(map(str, seeds))}; with several, a cell shows mean ± sample "
+            f"standard deviation (n)."
+        )
+    if len(done):
+        devices = sorted({str(d) for d in done["device"].dropna()})
+        shas = sorted({str(s) for s in done["git_sha"].dropna()})
+        wall = float(done["wall_s"].fillna(0).sum())
+        when = max(done["finished_at"].dropna(), default=None)
+        date = time.strftime("%Y-%m-%d", time.localtime(when)) if when else "?"
+        lines.append(
+            f"Device: {', '.join(devices) or '?'}; git {', '.join(shas) or '?'}; "
+            f"{wall / 60:.1f} min of cell wall time; finished {date}."
+        )
+    failed = cells[cells["status"] == "failed"]
+    for _, r in failed.iterrows():
+        lines.append(f"Failed: {r['row']} / {r['column']}: {r['error']}")
+    if not table.paper:
+        lines.append("The paper's numbers for this table are not in our text (PAPER.md): dashes.")
+    return lines
+
+
+def build_table_report(table, scale: str, cells: pd.DataFrame) -> TableReport:
+    """The report of ``table`` at ``scale`` from ``cells`` (load_cells' frame, any tables)."""
+    table.scale(scale)  # raises for an unknown scale
+    if len(cells):
+        mine = cells[(cells["table"] == table.number) & (cells["scale"] == scale)]
+    else:
+        mine = cells
+    if not len(mine):
+        raise ValueError(
+            f"no cells of table {table.number} ({table.name}) at the {scale} scale in the given "
+            f"stores: run `sdiff ablate {table.number} --preset {scale}` first"
+        )
+    extra: list[tuple[str, pd.DataFrame]] = []
+    if table.number == 7:
+        frame = _ours_frame(table, cells[cells["table"] == 7])
+        extra.append(("Literature (PAPER.md; not run here)", _literature_frame(table)))
+    elif table.compute is not None:
+        frame = _per_side_frame(table, scale, mine)
+    else:
+        frame = _grid_frame(table, scale, mine)
+    return TableReport(table, scale, mine, frame, _header(table, scale, mine), extra)
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _cell_label(r: pd.Series) -> str:
+    return r["row"] if r["column"] == "all" else f"{r['row']} / {r['column']}"
+
+
+def plot_curves(cells: pd.DataFrame, path: str | Path, title: str):
+    """Training loss against images seen, one line per trained cell (from its metrics.csv).
+    Returns the figure (closed after saving) or None when no cell has a curve."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    drawn = 0
+    for _, r in cells.iterrows():
+        f = Path(r["run_dir"]) / "metrics.csv"
+        if not f.is_file():
+            continue
+        with open(f, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows:
+            continue
+        x = [float(q["images"]) for q in rows]
+        y = [float(q["loss"]) for q in rows]
+        seed = "" if pd.isna(r["seed"]) else f" (seed {int(r['seed'])})"
+        ax.plot(x, y, marker="o", ms=3, label=_cell_label(r) + seed)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("training images")
+    ax.set_ylabel("loss (logging-interval mean)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+def plot_metrics(cells: pd.DataFrame, path: str | Path, title: str, metrics=("fid", "kid_mean")):
+    """FID and KID (with the KID's subset std as error bar) per cell, as bars. Returns the
+    figure or None when no cell has these metrics."""
+    plt = _plt()
+    done = cells[cells["status"] == "done"]
+    present = [m for m in metrics if f"m.{m}" in done.columns and done[f"m.{m}"].notna().any()]
+    if not present:
+        return None
+    fig, axes = plt.subplots(1, len(present), figsize=(4.0 * len(present), 3.6), squeeze=False)
+    labels = [_cell_label(r) for _, r in done.iterrows()]
+    for ax, m in zip(axes[0], present, strict=True):
+        vals = done[f"m.{m}"].astype(float).tolist()
+        err = None
+        if m == "kid_mean" and "m.kid_std" in done.columns:
+            err = done["m.kid_std"].astype(float).fillna(0).tolist()
+        ax.bar(range(len(vals)), vals, yerr=err, capsize=3, color="tab:blue")
+        ax.set_xticks(range(len(vals)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(METRIC_NAMES.get(m, m))
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+def _read_csvs(paths: Iterable[Path]) -> pd.DataFrame:
+    frames = [pd.read_csv(p) for p in paths if Path(p).is_file() and Path(p).stat().st_size]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def bench_plots(reports: str | Path, out: str | Path) -> list[Path]:
+    """Plots of the benchmark CSVs under ``reports`` (reports/bench/throughput.csv,
+    reports/gpu/throughput.csv, reports/gpu/attention.csv): training img/s and peak memory
+    against resolution per preset and device, attention TFLOP/s against sequence length per
+    backend. Returns the files written."""
+    plt = _plt()
+    reports, out = Path(reports), Path(out)
+    written: list[Path] = []
+    tp = _read_csvs([reports / "bench" / "throughput.csv", reports / "gpu" / "throughput.csv"])
+    if len(tp) and "train_img_s" in tp.columns:
+        tp = tp[tp["status"] == "ok"].copy()
+        tp["compiled"] = tp["compiled"].astype(str).str.lower().isin(["true", "1"])
+        for what, ylabel, name in (
+            ("train_img_s", "training img/s (log)", "bench-throughput.png"),
+            ("peak_mem_gib", "peak memory of a training step, GiB", "bench-memory.png"),
+        ):
+            sub = tp[tp[what].notna()]
+            if not len(sub):
+                continue
+            fig, ax = plt.subplots(figsize=(7.0, 4.4))
+            keys = ["device", "preset", "compiled", "backend", "batch"]
+            for key, g in sub.groupby(keys, sort=True):
+                g = g.sort_values("resolution").drop_duplicates("resolution", keep="last")
+                dev, preset, comp, backend, batch = key
+                label = f"{preset} b{batch} {'compiled' if comp else 'eager'}"
+                label += f" {backend}" if backend != "auto" else ""
+                label += f" [{str(dev).split(' (')[0]}]"
+                ax.plot(g["resolution"], g[what], marker="o", label=label)
+            ax.set_xscale("log", base=2)
+            if what == "train_img_s":
+                ax.set_yscale("log")
+            ax.set_xlabel("resolution (px)")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, ncol=2)
+            fig.tight_layout()
+            out.mkdir(parents=True, exist_ok=True)
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+            written.append(out / name)
+    at = _read_csvs([reports / "gpu" / "attention.csv"])
+    if len(at) and "tflops" in at.columns:
+        at = at[at["status"] == "ok"]
+        panels = sorted({(m, int(d)) for m, d in zip(at["mode"], at["head_dim"], strict=True)})
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.8), squeeze=False)
+        for ax, (mode, d) in zip(axes[0], panels, strict=True):
+            g = at[(at["mode"] == mode) & (at["head_dim"] == d)]
+            for backend, gb in g.groupby("backend", sort=True):
+                gb = gb.sort_values("seq_len")
+                ax.plot(gb["seq_len"], gb["tflops"], marker="o", label=backend)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{mode}, head dim {d}", fontsize=9)
+            ax.set_xlabel("sequence length")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("TFLOP/s (bf16)")
+        axes[0][-1].legend(fontsize=7)
+        device = str(at["device"].iloc[0]) if "device" in at.columns and len(at) else ""
+        fig.suptitle(f"attention, {device}", fontsize=10)
+        fig.tight_layout()
+        out.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out / "bench-attention.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "bench-attention.png")
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-")
+
+
+def _copy_grids(report: TableReport, out: Path) -> list[tuple[str, Path]]:
+    grids = []
+    for _, r in report.cells[report.cells["status"] == "done"].iterrows():
+        found = sorted((Path(r["run_dir"]) / "samples").glob("grid-*.png"))
+        if not found:
+            continue
+        seed = "" if pd.isna(r["seed"]) else f"-seed{int(r['seed'])}"
+        name = f"{_slug(r['row'])}-{_slug(r['column'])}{seed}.png"
+        dest = out / "samples" / f"table{report.table.number}-{report.scale}" / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(found[-1], dest)
+        grids.append((_cell_label(r) + seed.replace("-", " "), dest))
+    return grids
+
+
+def write_table_report(report: TableReport, out: str | Path) -> dict[str, Path]:
+    """Markdown, LaTeX, plots and sample grids of one table report under ``out``; returns the
+    paths written by kind."""
+    out = Path(out)
+    t, scale = report.table, report.scale
+    stem = f"table{t.number}-{scale}"
+    paths: dict[str, Path] = {}
+    title = f"Table {t.number}: {t.title}"
+    plots = []
+    if t.compute is None:
+        curve = out / "plots" / f"{stem}-curves.png"
+        if plot_curves(report.cells, curve, f"{title} — {scale}: training loss") is not None:
+            plots.append(("training loss per cell", curve))
+            paths["curves"] = curve
+        bars = out / "plots" / f"{stem}-metrics.png"
+        if plot_metrics(report.cells, bars, f"Table {t.number} ({scale})") is not None:
+            plots.append(("FID / KID per cell", bars))
+            paths["metrics"] = bars
+    grids = _copy_grids(report, out) if t.compute is None else []
+    tables_dir = out / "tables"
+    tables_dir.mkdir(parents=True, exist_ok=True)
+
+    def rel(p: Path) -> str:
+        return Path("..", p.relative_to(out)).as_posix()
+
+    md = [f"# {title}", "", *[f"{line}  " for line in report.header], ""]
+    if t.notes:
+        md += [f"Notes: {t.notes}", ""]
+    if t.number == 7:
+        md += ["## Ours (by scale; not comparable with the literature rows below)", ""]
+    md.append(to_markdown(report.frame))
+    for caption, frame in report.extra:
+        md += [f"## {caption}", "", to_markdown(frame)]
+    if plots:
+        md += ["## Plots", ""] + [f"![{c}]({rel(p)})" for c, p in plots] + [""]
+    if grids:
+        md += ["## Sample grids (EMA model, end of training)", ""]
+        md += [f"**{c}**  \n![{c}]({rel(p)})\n" for c, p in grids]
+    paths["markdown"] = tables_dir / f"{stem}.md"
+    paths["markdown"].write_text("\n".join(md))
+    tex = [
+        f"% {title} ({scale}); generated by `sdiff report` on {time.strftime('%Y-%m-%d')}",
+        to_latex(
+            report.frame,
+            f"{title} ({scale} scale; ours beside the paper's)",
+            f"tab:table{t.number}-{scale}",
+        ),
+    ]
+    for caption, frame in report.extra:
+        tex.append(to_latex(frame, caption, f"tab:table{t.number}-{scale}-{_slug(caption)}"))
+    paths["latex"] = tables_dir / f"{stem}.tex"
+    paths["latex"].write_text("\n".join(tex))
+    return paths
+
+
+def write_index(out: str | Path, entries: list[tuple[str, dict[str, Path]]], extra: list[Path]):
+    """reports/index.md: every table report, plot and benchmark file under ``out``."""
+    out = Path(out)
+    lines = [
+        "# sdiff reports",
+        "",
+        f"Generated by `sdiff report --all` on {time.strftime('%Y-%m-%d')}. Numbers are ours at "
+        "the scale named in each table (smoke: CPU, bundled MNIST digits, minutes; not "
+        "comparable with the paper's ImageNet numbers).",
+        "",
+        "## Tables",
+        "",
+    ]
+    for name, paths in entries:
+        links = [f"[{k}]({p.relative_to(out).as_posix()})" for k, p in paths.items()]
+        lines.append(f"- {name}: " + ", ".join(links))
+    lines += ["", "## Benchmarks", ""]
+    for p in extra:
+        lines.append(f"- [{p.relative_to(out).as_posix()}]({p.relative_to(out).as_posix()})")
+    path = out / "index.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdiff report", description=__doc__.split("\n\n")[0])
+    p.add_argument("table", nargs="?", help="table number 1-8 or alias (omit with --all)")
+    p.add_argument("--all", action="store_true", help="every table found, bench plots, index")
+    p.add_argument("--scale", default="smoke", choices=[*SCALES, "all"])
+    p.add_argument("--store", nargs="+", default=None,
+                   help="results stores (files or runner --out folders); default: "
+                   "runs/ablate/table<N>-<scale>")  # fmt: skip
+    p.add_argument("--runs", default=DEFAULT_RUNS, help="where --all looks for stores")
+    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--bench", default=None, help="folder holding bench/ and gpu/ CSVs "
+                   "(default: --out)")  # fmt: skip
+    return p
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    from sdiff.ablations import TABLES, get_table
+
+    args = build_parser().parse_args(argv)
+    if bool(args.table) == bool(args.all):
+        print("sdiff report: give a TABLE or --all (not both)", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    try:
+        if args.all:
+            stores = [_store_path(s) for s in args.store] if args.store else find_stores(args.runs)
+            cells = load_cells(stores) if stores else pd.DataFrame()
+            entries = []
+            for number, table in sorted(TABLES.items()):
+                for scale in SCALES if args.scale == "all" else [args.scale]:
+                    have = (
+                        len(cells)
+                        and ((cells["table"] == number) & (cells["scale"] == scale)).any()
+                    )
+                    if not have:
+                        continue
+                    report = build_table_report(table, scale, cells)
+                    paths = write_table_report(report, out)
+                    entries.append((f"Table {number} ({table.name}), {scale}", paths))
+            extra = bench_plots(args.bench or out, out / "plots")
+            for f in ("gpu/README.md", "bench/throughput.csv", "gpu/attention.csv",
+                      "gpu/throughput.csv"):  # fmt: skip
+                if (out / f).is_file():
+                    extra.append(out / f)
+            index = write_index(out, entries, extra)
+            missing = sorted(set(TABLES) - {int(e[0].split()[1]) for e in entries})
+            print(f"{len(entries)} table reports, {len(extra)} benchmark files; index: "
+                  f"{index.resolve()}")  # fmt: skip
+            if missing:
+                print(f"no stores for table(s) {missing} under {args.runs}")
+            return 0
+        table = get_table(args.table)
+        scales = SCALES if args.scale == "all" else [args.scale]
+        written = []
+        for scale in scales:
+            stores = args.store or [Path(DEFAULT_RUNS) / f"table{table.number}-{scale}"]
+            if args.scale == "all" and not args.store and not _store_path(stores[0]).exists():
+                continue
+            cells = load_cells(stores)
+            report = build_table_report(table, scale, cells)
+            paths = write_table_report(report, out)
+            written.append(paths["markdown"])
+            print(to_markdown(report.frame))
+        if not written:
+            raise ValueError(f"no stores found for table {table.number} under {DEFAULT_RUNS}")
+        for p in written:
+            print(f"report: {p.resolve()}")
+        return 0
+    except ValueError as err:
+        print(f"sdiff report: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(report_main())

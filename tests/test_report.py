@@ -1,0 +1,221 @@
+"""`sdiff report`: paper-layout tables from results stores, plots, index; checked against
+numbers computed here (numpy), PAPER.md's cited values and the files' own contents."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from sdiff.ablations import get_table
+from sdiff.ablations.grid import expand
+from sdiff.ablations.store import ResultsStore, new_owner
+from sdiff.cli import main
+from sdiff.report import (
+    bench_plots,
+    build_table_report,
+    fmt_cell,
+    load_cells,
+    plot_curves,
+    plot_metrics,
+    to_latex,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def fill_store(folder, table, scale="smoke", overrides=(), metrics=None, fail=(), curves=None):
+    """A results store with the table's cells finished with the given metrics
+    ({(row, column): {...}}), some failed, and optional metrics.csv curves per cell."""
+    cells = expand(table, scale, overrides=list(overrides))
+    owner = new_owner()
+    with ResultsStore(folder / "results.sqlite") as store:
+        store.add(cells)
+        for c in cells:
+            assert store.claim(c.hash, owner)
+            key = (c.row, c.column)
+            if key in fail:
+                store.fail(c.hash, owner, "Traceback ...\nRuntimeError: boom", wall_s=1.0)
+                continue
+            store.finish(c.hash, owner, (metrics or {}).get(key, {}), wall_s=60.0,
+                         device="cpu (2 threads)", git_sha="abc123")  # fmt: skip
+            if curves and key in curves:
+                run = folder / "cells" / c.hash
+                run.mkdir(parents=True)
+                with open(run / "metrics.csv", "w", newline="") as f:
+                    w = csv.writer(f)
+                    w.writerow(["step", "images", "loss"])
+                    for i, loss in enumerate(curves[key]):
+                        w.writerow([i + 1, 100 * (i + 1), loss])
+    return cells
+
+
+def table2_metrics(offset):
+    return {
+        (r, c): {
+            "fid": 90.0 + offset + 3 * i + j,
+            "kid_mean": 0.07 + offset / 100 + i / 1000,
+            "kid_std": 0.002,
+            "num_generated": 200,
+        }
+        for i, r in enumerate(["cosine", "shifted"])
+        for j, c in enumerate(["32", "64"])
+    }
+
+
+def test_seeds_are_averaged_with_sample_std(tmp_path):
+    table = get_table(2)
+    m0, m1 = table2_metrics(0.0), table2_metrics(5.0)
+    fill_store(tmp_path / "s0", table, metrics=m0)
+    fill_store(tmp_path / "s1", table, overrides=["train.seed=1"], metrics=m1)
+    report = build_table_report(table, "smoke", load_cells([tmp_path / "s0", tmp_path / "s1"]))
+    frame = report.frame
+    assert list(frame.index) == ["cosine", "shifted (base 16)"]
+    for i, row in enumerate(["cosine", "shifted"]):
+        for col, title in (("32", "32 px (shift -1.39)"), ("64", "64 px (shift -2.77)")):
+            fids = np.array([m0[(row, col)]["fid"], m1[(row, col)]["fid"]])
+            want = f"{fids.mean():.1f} ± {fids.std(ddof=1):.2f} (n=2)"
+            assert frame.loc[frame.index[i], f"{title}: FID (ours)"] == want
+            assert frame.loc[frame.index[i], f"{title}: FID (paper)"] == "–"  # not in PAPER.md
+    assert any("Seeds: 0, 1" in line for line in report.header)
+    assert any("200 generated samples against 500 training images" in h for h in report.header)
+
+
+def test_fmt_cell_single_and_several():
+    assert fmt_cell("fid", [12.345]) == "12.3"
+    assert fmt_cell("kid_mean", [0.1, 0.3]) == "0.2000 ± 0.1414 (n=2)"
+    assert fmt_cell("fid", []) == "–"
+
+
+def test_failed_and_missing_cells_are_labelled(tmp_path):
+    table = get_table(3)
+    cells = expand(table, "smoke")
+    metrics = {(c.row, c.column): {"fid": 50.0 + i} for i, c in enumerate(cells)}
+    fill_store(tmp_path, table, metrics=metrics, fail=[(cells[1].row, cells[1].column)])
+    report = build_table_report(table, "smoke", load_cells([tmp_path]))
+    values = report.frame.iloc[:, 0].tolist()
+    assert values[0] == "50.0" and values[1] == "1 failed" and values[2] == "52.0"
+    assert any("Failed:" in h and "RuntimeError: boom" in h for h in report.header)
+
+
+def test_table7_places_ours_beside_the_literature(tmp_path):
+    table = get_table(7)
+    fill_store(tmp_path, table, metrics={("digits", "all"): {"fid": 40.0, "kid_mean": 0.03}})
+    report = build_table_report(table, "smoke", load_cells([tmp_path]))
+    ours = report.frame
+    assert ours.loc["sdiff U-ViT digits (smoke, MNIST 32 px)", "FID (ours, vs train)"] == "40.0"
+    assert ours.iloc[0]["scale"] == "smoke" and ours.iloc[0]["guidance w"] == "3"
+    (caption, lit), = report.extra  # fmt: skip
+    row = lit.loc["simple diffusion U-ViT L, 256 px"]  # PAPER.md: 2.77 / 3.75 (IS 211.8)
+    assert (row["FID train"], row["FID eval"], row["IS"]) == ("2.77", "3.75", "211.8")
+    assert lit.loc["SiD2, 512 px", "FID train"] == "1.48"
+    assert "PAPER.md" in caption
+
+
+def test_table1_per_level_layout(tmp_path):
+    from sdiff.ablations.runner import run_grid
+
+    table = get_table(1)
+    run_grid(table, "smoke", tmp_path, progress=False, log=lambda s: None)
+    report = build_table_report(table, "smoke", load_cells([tmp_path]))
+    # U-ViT L's transformer at 16x16: a 2048 x 2048 fp32 projection = 16 MiB; (1024, 256, 2048)
+    # bf16 activations = 1 GiB; ratio 64 (hand computation)
+    row = report.frame.loc["U-ViT L 512, 16x16"]
+    assert row["kernel MiB (ours)"] == "16" and row["feature map GiB (ours)"] == "1"
+    assert row["feature / kernel (ours)"] == "64"
+
+
+def test_latex_is_escaped_and_complete(tmp_path):
+    table = get_table(2)
+    fill_store(tmp_path / "a", table, metrics=table2_metrics(0))
+    fill_store(tmp_path / "b", table, overrides=["train.seed=1"], metrics=table2_metrics(1))
+    report = build_table_report(table, "smoke", load_cells([tmp_path / "a", tmp_path / "b"]))
+    tex = to_latex(report.frame, "a_b & 100%", "tab:x")
+    assert r"a\_b \& 100\%" in tex and r"$\pm$" in tex and "±" not in tex
+    body = tex.split(r"\midrule")[1].split(r"\bottomrule")[0].strip().splitlines()
+    assert len(body) == len(report.frame) and all(line.endswith(r"\\") for line in body)
+    assert all(line.count("&") == len(report.frame.columns) for line in body)
+
+
+def test_plots_hold_the_data(tmp_path):
+    table = get_table(2)
+    curves = {("cosine", "32"): [0.9, 0.5, 0.3], ("shifted", "64"): [0.8, 0.4]}
+    fill_store(tmp_path, table, metrics=table2_metrics(0), curves=curves)
+    cells = load_cells([tmp_path])
+    fig = plot_curves(cells, tmp_path / "c.png", "t")
+    lines = fig.axes[0].get_lines()
+    assert sorted(list(line.get_ydata()) for line in lines) == sorted(curves.values())
+    assert (tmp_path / "c.png").read_bytes()[:8] == PNG
+    fig = plot_metrics(cells, tmp_path / "m.png", "t")
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    order = [("cosine", "32"), ("cosine", "64"), ("shifted", "32"), ("shifted", "64")]
+    assert heights == [table2_metrics(0)[key]["fid"] for key in order]
+    assert plot_curves(cells.iloc[0:0], tmp_path / "none.png", "t") is None
+
+
+def test_bench_plots_from_csvs(tmp_path):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "gpu").mkdir()
+    with open(tmp_path / "bench" / "throughput.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["preset", "resolution", "batch", "backend", "compiled", "train_img_s",
+                    "peak_mem_gib", "status", "device"])  # fmt: skip
+        for res, ips in ((32, 100.0), (64, 30.0)):
+            w.writerow(["uvit-tiny-32", res, 8, "auto", False, ips, "", "ok", "cpu (x, 2)"])
+    with open(tmp_path / "gpu" / "attention.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["backend", "mode", "seq_len", "head_dim", "tflops", "status", "device"])
+        for b in ("triton", "sdpa-flash"):
+            for n in (256, 1024):
+                w.writerow([b, "fwd", n, 64, 100.0 + n / 10, "ok", "NVIDIA H200"])
+    written = bench_plots(tmp_path, tmp_path / "plots")
+    names = sorted(p.name for p in written)
+    assert names == ["bench-attention.png", "bench-throughput.png"]  # no memory column values
+    assert all(p.read_bytes()[:8] == PNG for p in written)
+    assert bench_plots(tmp_path / "nothing", tmp_path / "p2") == []
+
+
+def test_cli_report_one_table_all_and_errors(tmp_path, capsys):
+    table = get_table(2)
+    fill_store(tmp_path / "runs" / "table2-smoke", table, metrics=table2_metrics(0))
+    out = tmp_path / "reports"
+    assert main(["report", "2", "--store", str(tmp_path / "runs" / "table2-smoke"),
+                 "--out", str(out)]) == 0  # fmt: skip
+    md = (out / "tables" / "table2-smoke.md").read_text()
+    assert "| cosine | 90.0 | – | 0.0700 |" in md
+    assert (out / "tables" / "table2-smoke.tex").read_text().count(r"\\") >= 3
+    assert main(["report", "--all", "--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    index = (out / "index.md").read_text()
+    assert "[markdown](tables/table2-smoke.md)" in index
+    capsys.readouterr()
+    # a missing store, a file that is not a store, an unknown table: exit 2 naming the problem
+    assert main(["report", "2", "--store", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "no results store at" in capsys.readouterr().err
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    assert main(["report", "2", "--store", str(bad), "--out", str(out)]) == 2
+    assert "not a results store" in capsys.readouterr().err
+    assert main(["report", "9", "--out", str(out)]) == 2
+    assert "unknown table" in capsys.readouterr().err
+    assert main(["report", "3", "--store", str(tmp_path / "runs" / "table2-smoke")]) == 2
+    assert "no cells of table 3" in capsys.readouterr().err
+    # the store was only read: its cells are unchanged
+    with ResultsStore(tmp_path / "runs" / "table2-smoke" / "results.sqlite") as store:
+        assert [r["status"] for r in store.rows()] == ["done"] * 4
+
+
+@pytest.mark.parametrize("n", [3])
+def test_std_matches_numpy_for_three_seeds(tmp_path, n):
+    table = get_table(6)
+    fids = []
+    folders = []
+    for seed in range(n):
+        cells = expand(table, "smoke", overrides=[f"train.seed={seed}"])
+        metrics = {(c.row, c.column): {"fid": 10.0 + seed**2 + k} for k, c in enumerate(cells)}
+        fids.append(metrics[(cells[0].row, cells[0].column)]["fid"])
+        fill_store(tmp_path / str(seed), table, overrides=[f"train.seed={seed}"], metrics=metrics)
+        folders.append(tmp_path / str(seed))
+    report = build_table_report(table, "smoke", load_cells(folders))
+    a = np.array(fids)
+    assert report.frame.iloc[0, 0] == f"{a.mean():.1f} ± {a.std(ddof=1):.2f} (n=3)"
+    json.dumps(report.header)  # plain strings
