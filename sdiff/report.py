@@ -158,7 +158,7 @@ def fmt_number(metric: str, value: float | None) -> str:
         return f"{value:.4f}"
     if base in ("fid", "fid_train", "fid_eval", "isc", "isc_mean", "train_img_s"):
         return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
-    return f"{value:.4g}"
+    return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
 
 
 def fmt_cell(metric: str, values: Sequence[float]) -> str:
@@ -290,7 +290,11 @@ def _per_side_frame(table, scale: str, cells: pd.DataFrame) -> pd.DataFrame:
         if not len(here):
             continue
         sides = sorted(
-            {int(c.split("@")[1]) for c in here.columns if c.startswith("m.") and "@" in c},
+            {
+                int(c.split("@")[1])
+                for c in here.columns
+                if c.startswith("m.") and "@" in c and here[c].notna().any()
+            },
             reverse=True,
         )
         for side in sides:
@@ -382,6 +386,18 @@ def _header(table, scale: str, cells: pd.DataFrame) -> list[str]:
     failed = cells[cells["status"] == "failed"]
     for _, r in failed.iterrows():
         lines.append(f"Failed: {r['row']} / {r['column']}: {r['error']}")
+    if scale == "smoke" and table.compute is None and len(done):
+        params = [v / 1e6 for v in _metric_values(done, "params")]
+        images = sorted({int(v) for v in _metric_values(done, "train_images")})
+        lo, hi = (f"{min(params):.2f}", f"{max(params):.2f}") if params else ("?", "?")
+        size = f"{lo}M" if lo == hi else f"{lo}-{hi}M"
+        lines.append(
+            f"Smoke scale: {size}-parameter models trained on "
+            f"{', '.join(f'{i:,}' for i in images) or '?'} images of the bundled MNIST digits "
+            "per cell; FIDs from a few hundred samples: differences of a few points are "
+            "within the noise (compare the KID's subset std in the metrics plot), and the "
+            "paper's ImageNet effects need not show at this scale."
+        )
     if not table.paper:
         lines.append("The paper's numbers for this table are not in our text (PAPER.md): dashes.")
     return lines
@@ -512,22 +528,28 @@ def bench_plots(reports: str | Path, out: str | Path) -> list[Path]:
             sub = tp[tp[what].notna()]
             if not len(sub):
                 continue
-            fig, ax = plt.subplots(figsize=(7.0, 4.4))
-            keys = ["device", "preset", "compiled", "backend", "batch"]
-            for key, g in sub.groupby(keys, sort=True):
-                g = g.sort_values("resolution").drop_duplicates("resolution", keep="last")
-                dev, preset, comp, backend, batch = key
-                label = f"{preset} b{batch} {'compiled' if comp else 'eager'}"
-                label += f" {backend}" if backend != "auto" else ""
-                label += f" [{str(dev).split(' (')[0]}]"
-                ax.plot(g["resolution"], g[what], marker="o", label=label)
-            ax.set_xscale("log", base=2)
-            if what == "train_img_s":
-                ax.set_yscale("log")
-            ax.set_xlabel("resolution (px)")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6, ncol=2)
+            devices = sorted({str(d) for d in sub["device"]})
+            fig, axes = plt.subplots(
+                1, len(devices), figsize=(5.6 * len(devices), 4.4), squeeze=False
+            )
+            for ax, dev in zip(axes[0], devices, strict=True):
+                g_dev = sub[sub["device"].astype(str) == dev]
+                keys = ["preset", "compiled", "backend", "batch"]
+                for i, (key, g) in enumerate(g_dev.groupby(keys, sort=True)):
+                    g = g.sort_values("resolution").drop_duplicates("resolution", keep="last")
+                    preset, comp, backend, batch = key
+                    label = f"{preset} b{batch} {'compiled' if comp else 'eager'}"
+                    label += f" {backend}" if backend != "auto" else ""
+                    style = ("-", "--", ":", "-.")[(i // 10) % 4]
+                    ax.plot(g["resolution"], g[what], marker="o", ls=style, label=label)
+                ax.set_xscale("log", base=2)
+                if what == "train_img_s":
+                    ax.set_yscale("log")
+                ax.set_xlabel("resolution (px)")
+                ax.set_title(dev, fontsize=9)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=6)
+            axes[0][0].set_ylabel(ylabel)
             fig.tight_layout()
             out.mkdir(parents=True, exist_ok=True)
             fig.savefig(out / name, dpi=110)
@@ -601,6 +623,8 @@ def write_table_report(report: TableReport, out: str | Path) -> dict[str, Path]:
             plots.append(("FID / KID per cell", bars))
             paths["metrics"] = bars
     grids = _copy_grids(report, out) if t.compute is None else []
+    if grids:
+        paths["samples"] = grids[0][1].parent
     tables_dir = out / "tables"
     tables_dir.mkdir(parents=True, exist_ok=True)
 

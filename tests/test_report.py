@@ -123,6 +123,11 @@ def test_table1_per_level_layout(tmp_path):
     row = report.frame.loc["U-ViT L 512, 16x16"]
     assert row["kernel MiB (ours)"] == "16" and row["feature map GiB (ours)"] == "1"
     assert row["feature / kernel (ours)"] == "64"
+    # each model lists only its own levels: U-Net 512 ... 8 (7), U-ViT L 128 ... 16 (4)
+    assert len(report.frame) == 11 and "U-ViT L 512, 512x512" not in report.frame.index
+    assert report.frame.loc[
+        "U-Net 512 (channels 128..1024), 512x512", "feature / kernel (ours)"
+    ] == (f"{1024 * 128 * 512 * 512 * 2 / (9 * 128 * 128 * 4):.0f}")
 
 
 def test_latex_is_escaped_and_complete(tmp_path):
@@ -219,3 +224,16 @@ def test_std_matches_numpy_for_three_seeds(tmp_path, n):
     a = np.array(fids)
     assert report.frame.iloc[0, 0] == f"{a.mean():.1f} ± {a.std(ddof=1):.2f} (n=3)"
     json.dumps(report.header)  # plain strings
+
+
+def test_demo_table_runs_the_grid_and_prints_the_report(tmp_path, capsys):
+    """`make demo`'s command: the grid into OUT/table<N>-smoke, the report into OUT/report
+    (Table 1 here: computed, so the wiring is tested without training)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--table", "1", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    md = out / "report" / "tables" / "table1-smoke.md"
+    assert f"results: {md.resolve()}" in printed and "2 of 2 cells done" in printed
+    assert "| U-ViT L 512, 16x16 | 16 |" in md.read_text()
+    with ResultsStore(out / "table1-smoke" / "results.sqlite") as store:
+        assert [r["status"] for r in store.rows()] == ["done", "done"]
