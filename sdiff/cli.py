@@ -358,7 +358,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )  # fmt: skip
         where = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent.parent
         print(json.dumps(record, indent=2, default=str))
-        print(f"recorded in {(where / 'metrics.json').resolve()}")
+        # stdout stays one JSON document (pipe it into jq); the location goes to stderr
+        print(f"recorded in {(where / 'metrics.json').resolve()}", file=sys.stderr)
         return 0
     if not args.reference or args.reference == "train":
         raise ValueError("--samples needs --reference FOLDER or .npz")

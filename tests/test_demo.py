@@ -34,6 +34,14 @@ def test_demo_trains_samples_evaluates_and_resumes(tmp_path, capsys):
     records = json.loads((out / "metrics.json").read_text())["evaluations"]
     assert len(records) == 2 and records[1]["step"] == 3
     assert records[1]["fid"] == records[0]["fid"]  # same checkpoint, seed and reference
+    # `sdiff eval --run`: stdout is one JSON document (the location of the record on stderr)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--n", "12", "--reference-n", "12",
+                 "--steps", "2"]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    record = json.loads(captured.out)
+    assert record["num_generated"] == 12 and record["fid"] > 0
+    assert "recorded in" in captured.err
 
 
 def test_eval_of_two_folders(tmp_path, capsys):
