@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import re
 import shutil
@@ -117,6 +118,7 @@ def load_cells(stores: Iterable[str | Path]) -> pd.DataFrame:
             config = spec.get("config", {})
             ev = spec.get("eval", {})
             rec = {
+                "variant": _variant(spec),
                 "table": r["table_number"],
                 "scale": r["scale"],
                 "row": r["row_name"],
@@ -142,6 +144,27 @@ def load_cells(stores: Iterable[str | Path]) -> pd.DataFrame:
                 rec[f"m.{k}"] = v
             records.append(rec)
     return pd.DataFrame.from_records(records)
+
+
+def _variant(spec: dict[str, Any]) -> str:
+    """The cell's identity apart from its seed: cells of one row and column that share it are
+    repeats (averaged); different variants in one report are refused."""
+    from sdiff.ablations.grid import cell_hash
+
+    plain = json.loads(json.dumps(spec))
+    plain.get("config", {}).get("train", {}).pop("seed", None)
+    return cell_hash(plain)
+
+
+def _check_variants(table, scale: str, cells: pd.DataFrame) -> None:
+    for (row, column), group in cells.groupby(["row", "column"]):
+        if group["variant"].nunique() > 1:
+            stores = sorted(set(group["store"]))
+            raise ValueError(
+                f"table {table.number} at {scale}, cell {row} / {column}: the stores hold cells "
+                f"that differ in more than the seed ({group['variant'].nunique()} configs; "
+                f"stores {stores}); report them separately (--store) or keep only seeds apart"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,6 +438,7 @@ def build_table_report(table, scale: str, cells: pd.DataFrame) -> TableReport:
             f"no cells of table {table.number} ({table.name}) at the {scale} scale in the given "
             f"stores: run `sdiff ablate {table.number} --preset {scale}` first"
         )
+    _check_variants(table, scale, mine)
     extra: list[tuple[str, pd.DataFrame]] = []
     if table.number == 7:
         frame = _ours_frame(table, cells[cells["table"] == 7])
@@ -716,7 +740,7 @@ def report_main(argv: list[str] | None = None) -> int:
         if args.all:
             stores = [_store_path(s) for s in args.store] if args.store else find_stores(args.runs)
             cells = load_cells(stores) if stores else pd.DataFrame()
-            entries = []
+            entries, skipped = [], 0
             for number, table in sorted(TABLES.items()):
                 for scale in SCALES if args.scale == "all" else [args.scale]:
                     have = (
@@ -725,7 +749,12 @@ def report_main(argv: list[str] | None = None) -> int:
                     )
                     if not have:
                         continue
-                    report = build_table_report(table, scale, cells)
+                    try:
+                        report = build_table_report(table, scale, cells)
+                    except ValueError as err:  # one table's problem does not stop the others
+                        print(f"sdiff report: skipped: {err}", file=sys.stderr)
+                        skipped += 1
+                        continue
                     paths = write_table_report(report, out)
                     entries.append((f"Table {number} ({table.name}), {scale}", paths))
             extra = bench_plots(args.bench or out, out / "plots")
@@ -739,7 +768,7 @@ def report_main(argv: list[str] | None = None) -> int:
                   f"{index.resolve()}")  # fmt: skip
             if missing:
                 print(f"no stores for table(s) {missing} under {args.runs}")
-            return 0
+            return 1 if skipped else 0
         table = get_table(args.table)
         scales = SCALES if args.scale == "all" else [args.scale]
         written = []

@@ -237,3 +237,22 @@ def test_demo_table_runs_the_grid_and_prints_the_report(tmp_path, capsys):
     assert "| U-ViT L 512, 16x16 | 16 |" in md.read_text()
     with ResultsStore(out / "table1-smoke" / "results.sqlite") as store:
         assert [r["status"] for r in store.rows()] == ["done", "done"]
+
+
+def test_cells_that_differ_beyond_the_seed_are_not_averaged(tmp_path, capsys):
+    table = get_table(2)
+    fill_store(tmp_path / "a", table, metrics=table2_metrics(0))
+    fill_store(tmp_path / "b", table, overrides=["train.total_images=40000"],
+               metrics=table2_metrics(9))  # fmt: skip
+    with pytest.raises(ValueError, match="differ in more than the seed"):
+        build_table_report(table, "smoke", load_cells([tmp_path / "a", tmp_path / "b"]))
+    assert main(["report", "2", "--store", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "report them separately" in capsys.readouterr().err
+    # --all reports the other tables and says which one it skipped (exit 1)
+    fill_store(tmp_path / "c", get_table(3), metrics={})
+    out = tmp_path / "out"
+    argv = ["report", "--all", "--store", *(str(tmp_path / x) for x in "abc"), "--out", str(out)]
+    assert main(argv) == 1
+    assert "skipped: table 2" in capsys.readouterr().err
+    assert (out / "tables" / "table3-smoke.md").exists()
+    assert not (out / "tables" / "table2-smoke.md").exists()
