@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,9 @@ from sdiff.config import RunConfig, from_dict
 from sdiff.images import to_uint8
 from sdiff.presets import build_model
 from sdiff.samplers import Guidance, get_sampler, x_predictor
+
+if TYPE_CHECKING:
+    from sdiff.uvit import TextCondition
 
 __all__ = ["SampleOptions", "generate", "load_trained"]
 
@@ -83,32 +87,13 @@ def generate(
         raise ValueError("labels were given but the model is unconditional")
     if o.guidance and not k:
         raise ValueError("guidance needs a class-conditional model")
-    if o.labels is not None and any(not 0 <= c < k for c in o.labels):
-        raise ValueError(f"labels must lie in [0, {k - 1}]; got {list(o.labels)}")
-    labels = None
-    if k:
-        pool = torch.tensor(o.labels if o.labels is not None else range(k))
-        labels = pool.repeat(math.ceil(o.n / len(pool)))[: o.n]
-    schedule = config.diffusion.schedule.build(m.resolution)
-    denoise = x_predictor(maybe_compile(model, enabled=o.compile), config.diffusion.prediction)
-    gen = torch.Generator(device=device).manual_seed(o.seed)
-    out = []
-    for start in range(0, o.n, o.batch_size):
-        b = min(o.batch_size, o.n - start)
-        noise = torch.randn(
-            b, m.in_channels, m.resolution, m.resolution, device=device, generator=gen
-        )
+    labels = _cycle_labels(o, k) if k else None
+
+    def conditions(start: int, b: int) -> tuple[Tensor | None, Tensor | None]:
         cond = labels[start : start + b].to(device) if labels is not None else None
-        guidance = None
-        if o.guidance:
-            lo, hi = o.guidance_interval or (-math.inf, math.inf)
-            guidance = Guidance(o.guidance, torch.full_like(cond, k), lo, hi)
-        x = get_sampler(o.sampler)(
-            denoise, noise, schedule=schedule, steps=o.steps, cond=cond, guidance=guidance,
-            clip_x=o.clip_x, generator=gen,
-        )  # fmt: skip
-        out.append(to_uint8(x.float()).cpu())
-    return torch.cat(out), labels
+        return cond, (torch.full_like(cond, k) if o.guidance else None)
+
+    return _sample(model, config, o, device, conditions), labels
 
 
 @torch.no_grad()
@@ -120,31 +105,44 @@ def _generate_text(model, config: RunConfig, o: SampleOptions, device) -> tuple[
 
     classes = list(build_dataset(config.data).classes)
     table = build_caption_table(config.text, classes).to(device)
-    k = len(classes)
+    labels = _cycle_labels(o, len(classes))
+
+    def conditions(start: int, b: int) -> tuple[TextCondition, TextCondition | None]:
+        ids = table.for_labels(labels[start : start + b].to(device))
+        all_padding = torch.ones(b, dtype=torch.bool, device=device)
+        empty = table.condition(ids, all_padding) if o.guidance else None
+        return table.condition(ids), empty
+
+    return _sample(model, config, o, device, conditions), labels
+
+
+def _cycle_labels(o: SampleOptions, k: int) -> Tensor:
+    """``o.n`` labels cycling over ``o.labels`` (default: every class 0..k-1)."""
     if o.labels is not None and any(not 0 <= c < k for c in o.labels):
         raise ValueError(f"labels must lie in [0, {k - 1}]; got {list(o.labels)}")
     pool = torch.tensor(o.labels if o.labels is not None else range(k))
-    labels = pool.repeat(math.ceil(o.n / len(pool)))[: o.n]
+    return pool.repeat(math.ceil(o.n / len(pool)))[: o.n]
+
+
+def _sample(model, config: RunConfig, o: SampleOptions, device, conditions) -> Tensor:
+    """``o.n`` uint8 images drawn in batches of ``o.batch_size``; ``conditions(start, b)``
+    gives a batch's condition and, with guidance, its unconditional counterpart."""
     m = config.model
     schedule = config.diffusion.schedule.build(m.resolution)
     denoise = x_predictor(maybe_compile(model, enabled=o.compile), config.diffusion.prediction)
     gen = torch.Generator(device=device).manual_seed(o.seed)
+    lo, hi = o.guidance_interval or (-math.inf, math.inf)
     out = []
     for start in range(0, o.n, o.batch_size):
         b = min(o.batch_size, o.n - start)
         noise = torch.randn(
             b, m.in_channels, m.resolution, m.resolution, device=device, generator=gen
         )
-        ids = table.for_labels(labels[start : start + b].to(device))
-        cond = table.condition(ids)
-        guidance = None
-        if o.guidance:
-            lo, hi = o.guidance_interval or (-math.inf, math.inf)
-            empty = table.condition(ids, torch.ones(b, dtype=torch.bool, device=device))
-            guidance = Guidance(o.guidance, empty, lo, hi)
+        cond, uncond = conditions(start, b)
+        guidance = Guidance(o.guidance, uncond, lo, hi) if o.guidance else None
         x = get_sampler(o.sampler)(
             denoise, noise, schedule=schedule, steps=o.steps, cond=cond, guidance=guidance,
             clip_x=o.clip_x, generator=gen,
         )  # fmt: skip
         out.append(to_uint8(x.float()).cpu())
-    return torch.cat(out), labels
+    return torch.cat(out)
