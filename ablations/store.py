@@ -409,21 +409,10 @@ class ResultsStore:
         git_sha: str | None = None,
     ) -> None:
         """Record the result of a cell ``owner`` is running: status ``done``."""
-        self._owned_update(
-            "recording the result",
-            hash,
-            owner,
-            "status = 'done', metrics = ?, wall_s = ?, device = ?, versions = ?, git_sha = ?, "
-            "error = NULL, finished_at = ?, heartbeat = NULL",
-            (
-                json.dumps(metrics, sort_keys=True, default=str),
-                wall_s,
-                device,
-                json.dumps(versions or {}, sort_keys=True),
-                git_sha,
-                time.time(),
-            ),
-        )
+        self._end(
+            "recording the result", hash, owner, "done", "metrics",
+            json.dumps(metrics, sort_keys=True, default=str), wall_s, device, versions, git_sha,
+        )  # fmt: skip
 
     def fail(
         self,
@@ -437,21 +426,22 @@ class ResultsStore:
         git_sha: str | None = None,
     ) -> None:
         """Record that the cell ``owner`` is running failed (``error``: the traceback)."""
+        self._end("recording a failure", hash, owner, "failed", "error", error, wall_s, device,
+                  versions, git_sha)  # fmt: skip
+
+    def _end(self, what, hash, owner, status, field, value, wall_s, device, versions, git_sha):
+        """The end of an attempt: ``status`` with its ``field`` (metrics, or error), the
+        attempt's wall time, device, versions and SHA; a success also clears the old error."""
+        clear = ", error = NULL" if status == "done" else ""
         self._owned_update(
-            "recording a failure",
+            what,
             hash,
             owner,
-            "status = 'failed', error = ?, wall_s = ?, device = ?, versions = ?, git_sha = ?, "
-            "finished_at = ?, heartbeat = NULL",
-            (
-                error,
-                wall_s,
-                device,
-                json.dumps(versions or {}, sort_keys=True),
-                git_sha,
-                time.time(),
-            ),
-        )
+            f"status = '{status}', {field} = ?, wall_s = ?, device = ?, versions = ?, "
+            f"git_sha = ?{clear}, finished_at = ?, heartbeat = NULL",
+            (value, wall_s, device, json.dumps(versions or {}, sort_keys=True), git_sha,
+             time.time()),
+        )  # fmt: skip
 
     def release(self, hash: str, owner: str) -> None:
         """Give a claim back (the runner was interrupted): ``pending`` again."""
