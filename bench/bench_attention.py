@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from sdiff.bench import git_sha
 
 SDPA = {
     "sdpa-flash": "FLASH_ATTENTION",
@@ -38,16 +38,6 @@ SDPA = {
 }
 BACKENDS = ["triton", *SDPA, "xformers"]
 MODES = ("fwd", "fwd+bwd")
-
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        )
-        return out.stdout.strip() or os.environ.get("GIT_SHA", "unknown")
-    except OSError:
-        return os.environ.get("GIT_SHA", "unknown")
 
 
 def device_name(device: str) -> str:

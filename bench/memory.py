@@ -549,7 +549,7 @@ def measure_training_memory(
         if snapshot is not None:
             raise ValueError("a memory snapshot needs CUDA (PyTorch's memory history is CUDA's)")
         row |= _measure_cpu(config, batch, timeout)
-    from sdiff.bench.train_step import git_sha
+    from sdiff.bench import git_sha
 
     return row | {
         "torch": str(torch.__version__),
@@ -749,7 +749,7 @@ def memory_main(args: list[str] | None = None) -> int:
         config = replace(config, resolution=a.res)  # the config's checks raise ValueErrors
     name = a.model if a.res in (None, get_preset(a.model).resolution) else f"{a.model}@{a.res}"
     budget = int(a.budget_gib * GiB)
-    from sdiff.bench.train_step import git_sha
+    from sdiff.bench import git_sha
 
     stamp = {"torch": str(torch.__version__), "git_sha": git_sha(), "date": time.strftime("%F")}
     rows, texts = [], []

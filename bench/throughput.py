@@ -27,16 +27,15 @@ import argparse
 import copy
 import csv
 import math
-import os
 import platform
 import statistics
-import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from sdiff.bench import git_sha
 from sdiff.compile import maybe_compile
 from sdiff.diffusion import DiffusionConfig, diffusion_loss
 from sdiff.flops import example_inputs, model_stats
@@ -78,15 +77,6 @@ def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=False)  # fmt: skip
-        return out.stdout.strip() or os.environ.get("GIT_SHA", "unknown")
-    except OSError:
-        return os.environ.get("GIT_SHA", "unknown")
 
 
 def at_resolution(config: ModelConfig, resolution: int) -> ModelConfig:

@@ -14,26 +14,16 @@ import argparse
 import csv
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from sdiff.bench import git_sha
 from sdiff.config import RunConfig, TrainConfig
 from sdiff.data import DataConfig
 from sdiff.presets import get_preset
 from sdiff.train import Trainer
-
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def measure(preset: str, batch: int, warmup: int, steps: int, run_dir: Path) -> dict:
