@@ -34,6 +34,12 @@ from sdiff.ablations.store import ResultsStore, StoreError, owner_alive
 __all__ = ["ablate_main", "dry_run", "format_results", "list_tables", "resolve_table", "run_grid"]
 
 STORE_NAME = "results.sqlite"
+DEFAULT_ROOT = "runs/ablate"
+
+
+def default_out(table_number: int, scale: str, root: str | Path = DEFAULT_ROOT) -> Path:
+    """A grid's folder unless ``--out`` says otherwise: ``<root>/table<N>-<scale>``."""
+    return Path(root) / f"table{table_number}-{scale}"
 
 
 # -- the table registry ---------------------------------------------------------------------------
@@ -360,7 +366,7 @@ def ablate_main(argv: list[str] | None = None, *, tables: Mapping[Any, Table] | 
             cells = dry_run(table, args.preset, args.rows, args.set)
             print(json.dumps(cells, indent=2, sort_keys=True))
             return 0
-        out = args.out or f"runs/ablate/table{table.number}-{args.preset}"
+        out = args.out or default_out(table.number, args.preset)
         rows = run_grid(
             table,
             args.preset,

@@ -1,6 +1,6 @@
 """Table 1: memory of convolution kernels vs feature maps per resolution, at batch 1024.
 
-    sdiff ablate 1 --preset smoke --out runs/ablate      # seconds: computed, nothing trained
+    sdiff ablate 1 --preset smoke                       # seconds: computed, nothing trained
 
 The paper's point (PAPER.md, "Scale the network at 16x16"): at high resolution the feature maps
 dominate memory, at low resolution the kernels do, and 16x16 is where both are tractable, so

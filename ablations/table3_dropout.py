@@ -1,6 +1,6 @@
 """Table 3: where dropout goes: from which resolution down it is applied.
 
-    sdiff ablate 3 --preset smoke --out runs/ablate       # 3 cells, about 6 minutes on 2 cores
+    sdiff ablate 3 --preset smoke                        # 3 cells, about 6 minutes on 2 cores
 
 The paper (PAPER.md): dropout helps only at the low resolutions; applied to the highest-
 resolution feature maps it hurts (ablation at 128 px; numbers not in our text). Rows: no

@@ -1,6 +1,6 @@
 """Table 4: scaling the number of blocks at 16x16.
 
-    sdiff ablate 4 --preset smoke --out runs/ablate       # 3 cells, about 7 minutes on 2 cores
+    sdiff ablate 4 --preset smoke                        # 3 cells, about 7 minutes on 2 cores
 
 The paper (PAPER.md): capacity is cheapest at 16x16, where kernels and feature maps are both
 small (Table 1); it compares "2+3" down+up blocks there with 8 and 12 (numbers not in our

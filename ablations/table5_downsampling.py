@@ -1,6 +1,6 @@
 """Table 5: downsampling first: none vs DWT vs patching, FID and training speed.
 
-    sdiff ablate 5 --preset smoke --out runs/ablate       # 3 cells, about 8 minutes on 2 cores
+    sdiff ablate 5 --preset smoke                        # 3 cells, about 8 minutes on 2 cores
 
 The paper (PAPER.md): at 512 px, reducing the image before the first high-resolution layer (a
 DWT, or a strided "patching" conv with a transposed conv at the end) trains much faster for a

@@ -1,6 +1,6 @@
 """Table 6: the multiscale loss, on and off.
 
-    sdiff ablate 6 --preset smoke --out runs/ablate       # 2 cells, about 5 minutes on 2 cores
+    sdiff ablate 6 --preset smoke                        # 2 cells, about 5 minutes on 2 cores
 
 The paper (PAPER.md): a loss summed over average-pooled versions of the error (weights 1/s per
 level) helps at 512 px and slightly hurts at 256 (numbers not in our text). Smoke: digits

@@ -133,13 +133,13 @@ def cmd_demo_table(args: argparse.Namespace) -> int:
     """``make demo``: a table's smoke grid (resumable: a rerun skips finished cells), then its
     report (table, plots, sample grids) under OUT/report; prints the report's path."""
     from sdiff.ablations import get_table
-    from sdiff.ablations.runner import run_grid
+    from sdiff.ablations.runner import default_out, run_grid
     from sdiff.report import build_table_report, load_cells, to_markdown, write_table_report
 
     start = time.perf_counter()
     table = get_table(args.table)
     out = Path(args.out)
-    store_dir = out / f"table{table.number}-smoke"
+    store_dir = default_out(table.number, "smoke", root=out)
     rows = run_grid(table, "smoke", store_dir, overrides=args.set, device=args.device,
                     progress=not args.no_progress)  # fmt: skip
     failed = [r for r in rows if r["status"] != "done"]

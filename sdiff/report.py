@@ -38,6 +38,9 @@ from typing import Any
 
 import pandas as pd
 
+from sdiff.ablations.grid import SCALES
+from sdiff.ablations.runner import DEFAULT_ROOT, STORE_NAME, default_out
+
 __all__ = [
     "TableReport",
     "bench_plots",
@@ -53,9 +56,6 @@ __all__ = [
     "write_table_report",
 ]
 
-SCALES = ("smoke", "gpu", "paper")
-STORE_NAME = "results.sqlite"
-DEFAULT_RUNS = "runs/ablate"
 DEFAULT_OUT = "reports"
 METRIC_NAMES = {
     "fid": "FID",
@@ -721,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", nargs="+", default=None,
                    help="results stores (files or runner --out folders); default: "
                    "runs/ablate/table<N>-<scale>")  # fmt: skip
-    p.add_argument("--runs", default=DEFAULT_RUNS, help="where --all looks for stores")
+    p.add_argument("--runs", default=DEFAULT_ROOT, help="where --all looks for stores")
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--bench", default=None, help="folder holding bench/ and gpu/ CSVs "
                    "(default: --out)")  # fmt: skip
@@ -773,7 +773,7 @@ def report_main(argv: list[str] | None = None) -> int:
         scales = SCALES if args.scale == "all" else [args.scale]
         written = []
         for scale in scales:
-            stores = args.store or [Path(DEFAULT_RUNS) / f"table{table.number}-{scale}"]
+            stores = args.store or [default_out(table.number, scale)]
             if args.scale == "all" and not args.store and not _store_path(stores[0]).exists():
                 continue
             cells = load_cells(stores)
@@ -782,7 +782,7 @@ def report_main(argv: list[str] | None = None) -> int:
             written.append(paths["markdown"])
             print(to_markdown(report.frame))
         if not written:
-            raise ValueError(f"no stores found for table {table.number} under {DEFAULT_RUNS}")
+            raise ValueError(f"no stores found for table {table.number} under {DEFAULT_ROOT}")
         for p in written:
             print(f"report: {p.resolve()}")
         return 0
