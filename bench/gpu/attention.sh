@@ -4,23 +4,12 @@
 #   bench/gpu/attention.sh OUTDIR          (about 4 minutes on one H100/H200)
 # Budgets in seconds (environment): ATTN_TUNE_S (100), ATTN_TEST_S (90), ATTN_BENCH_S (100).
 # Needs only torch, triton and pytest (the GPU image's; pytest-xdist is used when present);
-# no install: the package is assembled in a temporary folder (sdiff/ plus kernels/ as
-# sdiff/kernels, the mapping pyproject.toml makes).
+# no install: bench/gpu/assemble.sh assembles the package in a temporary folder.
 # Writes: versions.txt, nvidia-smi.txt, tune.csv, tuned.json, tune.txt, kernel_tests.txt,
 # attention.csv, attention.md, bench.txt. Copy tuned.json's winners into
 # kernels/attention.py's LAUNCH_CONFIGS to make them the default.
 set -uo pipefail
-OUT=${1:?usage: bench/gpu/attention.sh OUTDIR}
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-SITE=$(mktemp -d)
-cp -r "$ROOT/sdiff" "$SITE/sdiff"
-cp -r "$ROOT/kernels" "$SITE/sdiff/kernels"
-cp -r "$ROOT/bench" "$SITE/sdiff/bench"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-export GIT_SHA=${GIT_SHA:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}
-export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/assemble.sh" "$@"
 cd "$ROOT"
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true

