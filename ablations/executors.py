@@ -38,12 +38,16 @@ from sdiff import __version__
 from sdiff.ablations import cell as cell_mod
 from sdiff.ablations.grid import Cell, Table, expand
 from sdiff.ablations.store import (
+    STORE_NAME,
     OwnershipLost,
     ResultsStore,
     StoreError,
     new_owner,
     owner_alive,
     retire_owner,
+)
+from sdiff.ablations.store import (
+    cell_dir as grid_cell_dir,
 )
 
 __all__ = ["EXECUTORS", "GridJob", "TorchrunExecute", "run_claimed", "work_loop"]
@@ -80,13 +84,13 @@ class GridJob:
 
     def open_store(self) -> ResultsStore:
         return ResultsStore(
-            Path(self.out_dir) / "results.sqlite",
+            Path(self.out_dir) / STORE_NAME,
             stale_after_s=self.stale_after_s,
             journal=self.journal,
         )
 
     def cell_dir(self, hash: str) -> Path:
-        return Path(self.out_dir) / "cells" / hash
+        return grid_cell_dir(self.out_dir, hash)
 
     def for_workers(self) -> GridJob:
         """This job with the table as its registry name if the Table itself does not pickle

@@ -29,11 +29,10 @@ from typing import Any
 
 from sdiff.ablations.executors import EXECUTORS, GridJob, git_sha
 from sdiff.ablations.grid import SCALES, Table, expand
-from sdiff.ablations.store import ResultsStore, StoreError, owner_alive
+from sdiff.ablations.store import STORE_NAME, ResultsStore, StoreError, owner_alive
 
 __all__ = ["ablate_main", "dry_run", "format_results", "list_tables", "resolve_table", "run_grid"]
 
-STORE_NAME = "results.sqlite"
 DEFAULT_ROOT = "runs/ablate"
 
 

@@ -42,15 +42,18 @@ from typing import Any
 __all__ = [
     "SCHEMA_VERSION",
     "STATUSES",
+    "STORE_NAME",
     "OwnershipLost",
     "ResultsStore",
     "StoreError",
+    "cell_dir",
     "new_owner",
     "owner_alive",
     "retire_owner",
 ]
 
 SCHEMA_VERSION = 1
+STORE_NAME = "results.sqlite"  # a grid folder: STORE_NAME beside cells/<hash>/ run folders
 STATUSES = ("pending", "running", "done", "failed")
 
 _SCHEMA = """
@@ -90,6 +93,11 @@ _JSON_FIELDS = ("spec", "metrics", "versions")
 # while its runner is (a runner that raised and ended left its claim behind).
 _LIVE_TOKENS: set[str] = set()
 _HOST = socket.gethostname()
+
+
+def cell_dir(grid_dir: str | os.PathLike[str], hash: str) -> Path:
+    """The run folder of cell ``hash`` in the grid folder holding its store."""
+    return Path(grid_dir) / "cells" / hash
 
 
 class StoreError(RuntimeError):

@@ -24,8 +24,8 @@ rendered here (no optional pandas dependency).
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
-import json
 import math
 import re
 import shutil
@@ -38,8 +38,9 @@ from typing import Any
 
 import pandas as pd
 
-from sdiff.ablations.grid import SCALES
-from sdiff.ablations.runner import DEFAULT_ROOT, STORE_NAME, default_out
+from sdiff.ablations.grid import SCALES, cell_hash
+from sdiff.ablations.runner import DEFAULT_ROOT, default_out
+from sdiff.ablations.store import STORE_NAME, ResultsStore, StoreError, cell_dir
 
 __all__ = [
     "TableReport",
@@ -98,8 +99,6 @@ def load_cells(stores: Iterable[str | Path]) -> pd.DataFrame:
     the metrics (one column each), seed, eval settings, device, git SHA, wall time, the store
     and the cell's run folder. A missing, corrupt or incompatible store raises a ValueError
     naming it (nothing is created or changed)."""
-    from sdiff.ablations.store import ResultsStore, StoreError
-
     records: list[dict[str, Any]] = []
     for given in stores:
         path = _store_path(given)
@@ -134,24 +133,26 @@ def load_cells(stores: Iterable[str | Path]) -> pd.DataFrame:
                 "git_sha": r.get("git_sha"),
                 "wall_s": r.get("wall_s"),
                 "finished_at": r.get("finished_at"),
-                "error": (r.get("error") or "").strip().splitlines()[-1:] or None,
+                "error": _last_line(r.get("error")),
                 "store": str(path),
-                "run_dir": str(path.parent / "cells" / r["hash"]),
+                "run_dir": str(cell_dir(path.parent, r["hash"])),
             }
-            if rec["error"]:
-                rec["error"] = rec["error"][0]
             for k, v in (r.get("metrics") or {}).items():
                 rec[f"m.{k}"] = v
             records.append(rec)
     return pd.DataFrame.from_records(records)
 
 
+def _last_line(text: str | None) -> str | None:
+    """A traceback's last line (the exception), or None."""
+    lines = (text or "").strip().splitlines()
+    return lines[-1] if lines else None
+
+
 def _variant(spec: dict[str, Any]) -> str:
     """The cell's identity apart from its seed: cells of one row and column that share it are
     repeats (averaged); different variants in one report are refused."""
-    from sdiff.ablations.grid import cell_hash
-
-    plain = json.loads(json.dumps(spec))
+    plain = copy.deepcopy(spec)
     plain.get("config", {}).get("train", {}).pop("seed", None)
     return cell_hash(plain)
 
