@@ -1,6 +1,6 @@
 """Table 2: the cosine schedule vs the shifted schedule, at two resolutions.
 
-    sdiff ablate 2 --preset smoke                        # 4 cells, about 8 minutes on 2 cores
+    sdiff ablate 2 --preset smoke                        # 4 cells, 522 s measured on 2 cores
 
 The paper (PAPER.md): a schedule tuned at 64x64 is too easy at higher resolution, because
 pooling a noisy image multiplies its SNR; shifting logSNR by 2 log(64/d) fixes it (FID at 128

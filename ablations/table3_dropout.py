@@ -1,6 +1,6 @@
 """Table 3: where dropout goes: from which resolution down it is applied.
 
-    sdiff ablate 3 --preset smoke                        # 3 cells, about 6 minutes on 2 cores
+    sdiff ablate 3 --preset smoke                        # 3 cells, 463 s measured on 2 cores
 
 The paper (PAPER.md): dropout helps only at the low resolutions; applied to the highest-
 resolution feature maps it hurts (ablation at 128 px; numbers not in our text). Rows: no
@@ -46,7 +46,7 @@ TABLE = Table(
             base=smoke_base,
             rows=_rows([16, 8]),
             eval=SMOKE_EVAL,
-            cost="3 cells x about 2 minutes on 2 CPU cores",
+            cost="3 cells x about 2.5 minutes on 2 CPU cores",
         ),
         "gpu": Scale(
             base=gpu_base,

@@ -1,6 +1,6 @@
 """Table 4: scaling the number of blocks at 16x16.
 
-    sdiff ablate 4 --preset smoke                        # 3 cells, about 7 minutes on 2 cores
+    sdiff ablate 4 --preset smoke                        # 3 cells, 554 s measured on 2 cores
 
 The paper (PAPER.md): capacity is cheapest at 16x16, where kernels and feature maps are both
 small (Table 1); it compares "2+3" down+up blocks there with 8 and 12 (numbers not in our
@@ -50,7 +50,7 @@ TABLE = Table(
             base=smoke_base,
             rows=_depths((2, 4, 8)),
             eval=SMOKE_EVAL,
-            cost="3 cells x 1.5-3 minutes on 2 CPU cores",
+            cost="3 cells x 1.5-6 minutes on 2 CPU cores",
         ),
         "gpu": Scale(
             base=gpu_base,

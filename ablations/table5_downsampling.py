@@ -1,6 +1,6 @@
 """Table 5: downsampling first: none vs DWT vs patching, FID and training speed.
 
-    sdiff ablate 5 --preset smoke                        # 3 cells, about 8 minutes on 2 cores
+    sdiff ablate 5 --preset smoke                        # 3 cells, 602 s measured on 2 cores
 
 The paper (PAPER.md): at 512 px, reducing the image before the first high-resolution layer (a
 DWT, or a strided "patching" conv with a transposed conv at the end) trains much faster for a
@@ -92,7 +92,7 @@ TABLE = Table(
             base=lambda: _mnist64(),
             rows=_rows(64, 4, 2, 16, 32),
             eval=SMOKE_EVAL,
-            cost="3 cells x 2-4 minutes on 2 CPU cores",
+            cost="3 cells x 2-5.5 minutes on 2 CPU cores",
         ),
         "gpu": Scale(
             base=gpu_base,

@@ -1,6 +1,6 @@
 """Table 6: the multiscale loss, on and off.
 
-    sdiff ablate 6 --preset smoke                        # 2 cells, about 5 minutes on 2 cores
+    sdiff ablate 6 --preset smoke                        # 2 cells, 264 s measured on 2 cores
 
 The paper (PAPER.md): a loss summed over average-pooled versions of the error (weights 1/s per
 level) helps at 512 px and slightly hurts at 256 (numbers not in our text). Smoke: digits
@@ -63,7 +63,7 @@ TABLE = Table(
             base=_smoke64,
             rows=_rows(16),
             eval=SMOKE_EVAL,
-            cost="2 cells x about 2.5 minutes on 2 CPU cores",
+            cost="2 cells x about 2 minutes on 2 CPU cores",
         ),
         "gpu": Scale(
             base=_gpu128,

@@ -1,6 +1,6 @@
 """Table 7: class-conditional generation, our models beside the literature.
 
-    sdiff ablate 7 --preset smoke                        # 1 cell, about 5 minutes on 2 cores
+    sdiff ablate 7 --preset smoke                        # 1 cell, 268 s measured on 2 cores
 
 The literature rows are PAPER.md's (FID train / FID eval and IS as cited); ours are whatever
 scale was run, labelled with it, so smoke numbers on MNIST digits are never mistaken for
