@@ -18,34 +18,28 @@ or an alias ("2", "schedule", "table2").
 
 from __future__ import annotations
 
+import importlib
+
 from sdiff.ablations.grid import Table
 
 __all__ = ["TABLES", "get_table"]
 
 
-def _load() -> dict[int, Table]:
-    from sdiff.ablations import (
-        table1_memory,
-        table2_schedule,
-        table3_dropout,
-        table4_blocks,
-        table5_downsampling,
-        table6_multiscale,
-        table7_imagenet,
-        table8_text,
-    )
+_MODULES = (
+    "table1_memory",
+    "table2_schedule",
+    "table3_dropout",
+    "table4_blocks",
+    "table5_downsampling",
+    "table6_multiscale",
+    "table7_imagenet",
+    "table8_text",
+)
 
-    modules = [
-        table1_memory,
-        table2_schedule,
-        table3_dropout,
-        table4_blocks,
-        table5_downsampling,
-        table6_multiscale,
-        table7_imagenet,
-        table8_text,
-    ]
-    return {m.TABLE.number: m.TABLE for m in modules}
+
+def _load() -> dict[int, Table]:
+    tables = (importlib.import_module(f"sdiff.ablations.{m}").TABLE for m in _MODULES)
+    return {t.number: t for t in tables}
 
 
 TABLES: dict[int, Table] = _load()
