@@ -37,6 +37,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "config_hash",
+    "diff_keys",
     "from_dict",
     "get_run_preset",
     "to_dict",
@@ -138,6 +139,16 @@ def to_dict(obj: Any) -> Any:
 
 def to_json(config: Any, indent: int | None = 2) -> str:
     return json.dumps(to_dict(config), sort_keys=True, indent=indent)
+
+
+def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted paths at which two config dicts (``to_dict`` form) differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += diff_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    return [] if a == b else [prefix]
 
 
 def config_hash(config: Any, length: int = 12) -> str:

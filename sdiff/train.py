@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from sdiff import __version__
 from sdiff.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from sdiff.compile import maybe_compile
-from sdiff.config import RunConfig, config_hash, from_dict, to_dict, to_json
+from sdiff.config import RunConfig, config_hash, diff_keys, from_dict, to_dict, to_json
 from sdiff.data import build_dataset
 from sdiff.diffusion import diffusion_loss
 from sdiff.images import save_grid
@@ -227,7 +227,7 @@ class Trainer:
         if cfg_path.exists():
             old = json.loads(cfg_path.read_text())
             if old != new:
-                diff = _diff_keys(old, new)
+                diff = diff_keys(old, new)
                 raise ValueError(
                     f"{self.run_dir} holds a run with a different config (differs at {diff}); "
                     f"use a new --out folder or the same config to resume"
@@ -555,15 +555,6 @@ class Trainer:
             return None
         path = path or self.run_dir / "samples" / f"grid-{self.step * t.batch_size:012d}.png"
         return save_grid(x.float(), path, nrow=math.ceil(math.sqrt(n)))
-
-
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-        return out
-    return [] if a == b else [prefix]
 
 
 def _atomic_write(path: Path, text: str) -> None:
