@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sdiff.config import RunConfig, apply_overrides, to_dict
+from sdiff.validation import POSITIVE_INT, Range, check_fields
 
 __all__ = ["Axis", "Cell", "EvalSpec", "Scale", "Table", "cell_hash", "expand"]
 
@@ -38,6 +39,17 @@ class Axis:
         return self.label or self.name
 
 
+# Every numeric field of EvalSpec.
+EVAL_SPEC_RULES: dict[str, Range] = {
+    "n": POSITIVE_INT,
+    "reference_n": POSITIVE_INT,
+    "steps": POSITIVE_INT,
+    # w = 0 is the conditional model; the paper's weights are >= 0, and a negative w mixes in
+    # the unconditional model instead of pushing samples away from it
+    "guidance": Range(ge=0),
+}
+
+
 @dataclass(frozen=True)
 class EvalSpec:
     """How a trained cell is measured (part of the cell's hash)."""
@@ -47,6 +59,9 @@ class EvalSpec:
     steps: int = 32  # DDPM steps
     guidance: float = 0.0  # guidance weight w
     metrics: tuple[str, ...] = ("fid", "kid")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "eval", EVAL_SPEC_RULES)
 
 
 @dataclass(frozen=True)

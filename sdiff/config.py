@@ -28,6 +28,7 @@ from sdiff.schedules import ScheduleConfig
 from sdiff.text import TextConfig
 from sdiff.unet import UNetConfig
 from sdiff.uvit import UViTConfig
+from sdiff.validation import NON_NEGATIVE_INT, POSITIVE_INT, SEED, Range, check_fields
 
 MODEL_KINDS = {"unet": UNetConfig, "uvit": UViTConfig}
 
@@ -47,6 +48,31 @@ __all__ = [
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DISTRIBUTED = ("ddp", "fsdp")
+
+
+# Every numeric field of TrainConfig. The optimizer's ranges are the ones torch.optim.Adam
+# enforces (betas in [0, 1), eps >= 0) made strict where a boundary value is a mistake:
+# eps = 0 divides by zero for a parameter whose gradient is zero.
+TRAIN_RULES: dict[str, Range] = {
+    "total_images": POSITIVE_INT,
+    "batch_size": POSITIVE_INT,
+    "lr": Range(gt=0),
+    "betas": Range(ge=0, lt=1),
+    "eps": Range(gt=0),
+    "weight_decay": Range(ge=0),
+    "warmup_images": NON_NEGATIVE_INT,
+    "grad_clip": Range(ge=0),  # 0 disables clipping
+    "ema_decay": Range(ge=0, lt=1),
+    "label_dropout": Range(ge=0, lt=1),  # 1 would never show the model a label
+    "seed": SEED,
+    "log_every_images": POSITIVE_INT,
+    "checkpoint_every_images": POSITIVE_INT,
+    "keep_checkpoints": POSITIVE_INT,
+    "sample_every_images": NON_NEGATIVE_INT,  # 0 disables sample grids
+    "sample_count": POSITIVE_INT,
+    "sample_steps": POSITIVE_INT,
+    "num_workers": NON_NEGATIVE_INT,
+}
 
 
 @dataclass(frozen=True)
@@ -80,22 +106,9 @@ class TrainConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        positive = ["total_images", "batch_size", "log_every_images", "checkpoint_every_images",
-                    "keep_checkpoints", "sample_count", "sample_steps"]  # fmt: skip
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1; got {getattr(self, name)}")
-        for name in ["warmup_images", "sample_every_images", "num_workers"]:
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.{name} must be >= 0; got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"train.lr must be > 0; got {self.lr}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"train.ema_decay must lie in [0, 1); got {self.ema_decay}")
-        if not 0 <= self.label_dropout < 1:
-            raise ValueError(f"train.label_dropout must lie in [0, 1); got {self.label_dropout}")
-        if self.grad_clip < 0:
-            raise ValueError(f"train.grad_clip must be >= 0; got {self.grad_clip}")
+        check_fields(self, "train", TRAIN_RULES)
+        if len(self.betas) != 2:
+            raise ValueError(f"train.betas must be two numbers (beta1, beta2); got {self.betas!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown train.precision {self.precision!r}; choose {PRECISIONS}")
         if self.distributed not in DISTRIBUTED:

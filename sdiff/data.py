@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from sdiff.images import from_uint8, load_image
+from sdiff.validation import POSITIVE_INT, SEED, Range, check_fields
 
 __all__ = [
     "DATASETS",
@@ -401,6 +402,15 @@ class PhotoCrops(Dataset):
 DATASETS = ("mnist", "photos", "folder")
 
 
+# Every numeric field of DataConfig; names and choices are checked by build_dataset.
+DATA_RULES: dict[str, Range] = {
+    "resolution": POSITIVE_INT,
+    "channels": POSITIVE_INT,
+    "num_crops": POSITIVE_INT,
+    "seed": SEED,
+}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """The data section of a run config; ``build_dataset`` turns it into a Dataset.
@@ -418,6 +428,9 @@ class DataConfig:
     num_crops: int = 512  # photos
     seed: int = 0  # photos: crop positions
     mnist_mode: str = "pad"  # mnist: "pad" the 28 px digits, or "resize" them to resolution
+
+    def __post_init__(self) -> None:
+        check_fields(self, "data", DATA_RULES)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sdiff.schedules import LogSNRFn, ScheduleConfig, alpha_sigma, dlogsnr_dt
+from sdiff.validation import FINITE, POSITIVE_INT, Range, check_fields
 
 PREDICTIONS = ("eps", "v", "x")
 WEIGHTINGS = ("eps", "v", "x", "sigmoid")
@@ -207,6 +208,17 @@ def multiscale_mse(
     return total
 
 
+# Every numeric field of DiffusionConfig (the schedule's are in SCHEDULE_RULES).
+DIFFUSION_RULES: dict[str, Range] = {
+    "sigmoid_bias": FINITE,  # SiD2's b shifts the sigmoid: any finite value
+    "multiscale_base": POSITIVE_INT,
+    # 0 weights every level equally; a negative power would weight the coarse levels, which the
+    # multiscale loss exists to emphasise, below the full-resolution one
+    "multiscale_power": Range(ge=0),
+    "multiscale_weights": Range(ge=0),  # a negative weight would reward error at that level
+}
+
+
 @dataclass(frozen=True)
 class DiffusionConfig:
     """Everything the training loss needs besides the model and the data.
@@ -228,13 +240,10 @@ class DiffusionConfig:
     time_sampling: str = "uniform"  # or "stratified": one t per 1/B stratum (low variance)
 
     def __post_init__(self) -> None:
+        check_fields(self, "diffusion", DIFFUSION_RULES)
         _check_choice("prediction", self.prediction, PREDICTIONS)
         _check_choice("weighting", self.weighting, WEIGHTINGS)
         _check_choice("time sampling", self.time_sampling, TIME_SAMPLING)
-        if not math.isfinite(self.sigmoid_bias):
-            raise ValueError(f"sigmoid_bias must be finite; got {self.sigmoid_bias}")
-        if self.multiscale_base < 1:
-            raise ValueError(f"multiscale_base must be >= 1; got {self.multiscale_base}")
 
     def to_dict(self) -> dict:
         return asdict(self)

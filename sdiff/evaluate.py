@@ -61,6 +61,7 @@ from sdiff.inception_weights import (
     resolve_weights,
     torch_fidelity_weights_file,
 )
+from sdiff.validation import NON_NEGATIVE_INT, POSITIVE_INT, SEED, Range, check_fields
 
 __all__ = [
     "FEATURE_DIM",
@@ -84,6 +85,17 @@ ImageSource = Tensor | Dataset | str | os.PathLike
 
 METRICS = ("fid", "kid", "prc", "isc")
 IMAGE_EXTENSIONS = "png,jpg,jpeg"  # torch-fidelity's folder filter (comma-separated)
+
+# Every numeric field of EvalConfig.
+EVAL_RULES: dict[str, Range] = {
+    "batch_size": POSITIVE_INT,
+    "kid_subset_size": Range(ge=2, integer=True),  # KID's unbiased MMD needs two per subset
+    "kid_subsets": POSITIVE_INT,
+    "prc_neighborhood": POSITIVE_INT,
+    "isc_splits": POSITIVE_INT,
+    "num_workers": NON_NEGATIVE_INT,
+    "seed": SEED,
+}
 
 
 @dataclass(frozen=True)
@@ -115,18 +127,7 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.metrics lists a metric twice: {list(metrics)}")
         if self.weights not in WEIGHTS:
             raise ValueError(f"unknown weights {self.weights!r}; choose from {list(WEIGHTS)}")
-        minimum = {
-            "batch_size": 1,
-            "kid_subset_size": 2,
-            "kid_subsets": 1,
-            "prc_neighborhood": 1,
-            "isc_splits": 1,
-            "num_workers": 0,
-        }
-        for name, low in minimum.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"EvalConfig.{name} must be an integer >= {low}; got {value!r}")
+        check_fields(self, "EvalConfig", EVAL_RULES)
         torch.device(self.device)  # raises on a malformed device string
 
 

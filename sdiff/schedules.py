@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from sdiff.validation import FINITE, POSITIVE_INT, Range, check_fields
+
 LogSNRFn = Callable[[Tensor], Tensor]
 
 __all__ = [
@@ -179,6 +181,16 @@ def get_schedule(name: str, **params: float) -> LogSNRFn:
     return schedule
 
 
+# Every numeric field of ScheduleConfig; the clip range must also be increasing (__post_init__).
+SCHEDULE_RULES: dict[str, Range] = {
+    "base": POSITIVE_INT,  # resolutions in pixels: the shift is 2 log(base / resolution)
+    "base_noisy": POSITIVE_INT,
+    "base_clean": POSITIVE_INT,
+    "logsnr_min": FINITE,
+    "logsnr_max": FINITE,
+}
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     """A schedule as it appears in a run config; ``build(resolution)`` gives t -> logSNR.
@@ -193,6 +205,14 @@ class ScheduleConfig:
     base_clean: int = 256  # interpolated: shift base at t = 0
     logsnr_min: float = -15.0
     logsnr_max: float = 15.0
+
+    def __post_init__(self) -> None:
+        check_fields(self, "diffusion.schedule", SCHEDULE_RULES)
+        if not self.logsnr_min < self.logsnr_max:
+            raise ValueError(
+                f"diffusion.schedule: need logsnr_min < logsnr_max; "
+                f"got [{self.logsnr_min}, {self.logsnr_max}]"
+            )
 
     def build(self, resolution: int) -> LogSNRFn:
         params = {"logsnr_min": self.logsnr_min, "logsnr_max": self.logsnr_max}

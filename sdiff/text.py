@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from sdiff.uvit import TextCondition
+from sdiff.validation import Range, check_fields
 
 ENCODERS = ("none", "minilm", "t5", "precomputed")
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -42,6 +43,12 @@ __all__ = [
 ]
 
 
+# Every numeric field of TextConfig.
+TEXT_RULES: dict[str, Range] = {
+    "max_tokens": Range(ge=2, integer=True),  # room for the start and end tokens ([CLS], [SEP])
+}
+
+
 @dataclass(frozen=True)
 class TextConfig:
     encoder: str = "none"  # "none" | "minilm" | "t5" | "precomputed"
@@ -50,12 +57,11 @@ class TextConfig:
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
 
     def __post_init__(self) -> None:
+        check_fields(self, "text", TEXT_RULES)
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown text.encoder {self.encoder!r}; choose one of {ENCODERS}")
         if self.encoder in ("t5", "precomputed") and not self.path:
             raise ValueError(f"text.encoder={self.encoder!r} needs text.path")
-        if self.max_tokens < 2:
-            raise ValueError(f"text.max_tokens must be >= 2; got {self.max_tokens}")
         if not self.templates or any("{name}" not in t for t in self.templates):
             raise ValueError("text.templates must be non-empty and each contain '{name}'")
 

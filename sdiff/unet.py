@@ -32,6 +32,7 @@ from sdiff.blocks import (
     input_factor,
     run_checkpointed,
 )
+from sdiff.validation import NON_NEGATIVE_INT, POSITIVE_INT, Range, check_fields
 
 
 def level_sides(resolution: int, factor: int, levels: int, what: str) -> list[int]:
@@ -58,6 +59,29 @@ def check_resolutions(name: str, wanted: tuple[int, ...], available: list[int]) 
     missing = sorted(set(wanted) - set(available))
     if missing:
         raise ValueError(f"{name} {missing} are not feature-map sides of this model ({available})")
+
+
+# The numeric fields the U-Net and U-ViT configs share (the ones LevelsMixin reads, and more);
+# tuple fields are checked item by item.
+LEVEL_RULES: dict[str, Range] = {
+    "resolution": POSITIVE_INT,
+    "in_channels": POSITIVE_INT,
+    "channels": POSITIVE_INT,  # each level's width
+    "blocks_down": NON_NEGATIVE_INT,  # 0: the level only resamples
+    "blocks_up": NON_NEGATIVE_INT,
+    "head_dim": POSITIVE_INT,
+    "dropout": Range(ge=0, lt=1),
+    "dropout_resolutions": POSITIVE_INT,
+    "num_classes": NON_NEGATIVE_INT,  # 0: unconditional
+    "emb_dim": POSITIVE_INT,
+    "dwt_levels": POSITIVE_INT,
+    "patch_size": POSITIVE_INT,
+    "norm_groups": POSITIVE_INT,
+    "checkpoint_levels": NON_NEGATIVE_INT,  # level indices
+}
+
+# Every numeric field of UNetConfig.
+UNET_RULES: dict[str, Range] = {**LEVEL_RULES, "attention_resolutions": POSITIVE_INT}
 
 
 class LevelsMixin:
@@ -117,14 +141,13 @@ class UNetConfig(LevelsMixin):
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
+        check_fields(self, "model", UNET_RULES)
         n = len(self.channels)
         if n == 0 or len(self.blocks_down) != n or len(self.blocks_up) != n:
             raise ValueError(
                 f"channels, blocks_down and blocks_up need one entry per level; got "
                 f"{len(self.channels)}, {len(self.blocks_down)}, {len(self.blocks_up)}"
             )
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must lie in [0, 1); got {self.dropout}")
         sides = self.level_sides()
         check_resolutions("attention_resolutions", self.attention_resolutions, sides)
         check_resolutions("dropout_resolutions", self.dropout_resolutions, sides)

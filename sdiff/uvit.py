@@ -40,13 +40,25 @@ from sdiff.blocks import (
     run_checkpointed,
     zero_,
 )
-from sdiff.unet import LevelsMixin, check_resolutions
+from sdiff.unet import LEVEL_RULES, LevelsMixin, check_resolutions
+from sdiff.validation import POSITIVE_INT, Range, check_fields
 
 
 class TextCondition(NamedTuple):
     embeddings: Tensor  # (B, L, text_dim)
     padding_mask: Tensor | None = None  # (B, L) bool, True = padding
     labels: Tensor | None = None  # (B,) optional class labels alongside the text
+
+
+# Every numeric field of UViTConfig.
+UVIT_RULES: dict[str, Range] = {
+    **LEVEL_RULES,
+    "transformer_resolution": POSITIVE_INT,
+    "width": POSITIVE_INT,
+    "depth": POSITIVE_INT,
+    "mlp_ratio": Range(gt=0),
+    "text_dim": POSITIVE_INT,
+}
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,7 @@ class UViTConfig(LevelsMixin):
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
+        check_fields(self, "model", UVIT_RULES)
         n = len(self.channels)
         if len(self.blocks_down) != n or len(self.blocks_up) != n:
             raise ValueError(
@@ -91,8 +104,6 @@ class UViTConfig(LevelsMixin):
                 f"attention head_dim {self.head_dim} does not divide the transformer width "
                 f"{self.width}"
             )
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must lie in [0, 1); got {self.dropout}")
         sides = self.level_sides()
         reached = sides[-1] // 2 if sides else self.resolution // self.factor
         if reached != self.transformer_resolution or (sides and sides[-1] % 2):
