@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,13 @@ def _training_summary(run_dir: Path) -> dict[str, float]:
 
 
 def evaluate_cell(
-    cell: Cell, run_dir: str | Path, *, device: str, train_s: float, start: float | None = None
+    cell: Cell,
+    run_dir: str | Path,
+    *,
+    device: str,
+    train_s: float,
+    start: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """The evaluation half: FID/KID of the cell's trained run (whoever trained it), plus the
     training summary and the model's size."""
@@ -52,6 +59,7 @@ def evaluate_cell(
         reference="train",
         reference_n=e.reference_n,
         device=device,
+        should_stop=should_stop,
     )
     stats = model_stats(cell.config.model)
     metrics: dict[str, Any] = {
@@ -78,8 +86,10 @@ def execute(
     *,
     progress: bool = False,
     device: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of one cell (a flat dict of numbers, plus a few descriptive strings)."""
+    """Metrics of one cell (a flat dict of numbers, plus a few descriptive strings).
+    ``should_stop`` (training steps, sampling batches) ends it with ``StopRequested``."""
     start = time.perf_counter()
     if cell.kind == "compute":
         metrics = dict(table.compute(cell.config))
@@ -88,7 +98,8 @@ def execute(
     from sdiff.train import Trainer
 
     trainer = Trainer(cell.config, run_dir, device=device, progress=progress)
-    trainer.run()
+    trainer.run(should_stop=should_stop)
     return evaluate_cell(
-        cell, run_dir, device=str(trainer.device), train_s=time.perf_counter() - start, start=start
-    )
+        cell, run_dir, device=str(trainer.device), train_s=time.perf_counter() - start,
+        start=start, should_stop=should_stop,
+    )  # fmt: skip

@@ -13,6 +13,13 @@ claim is what keeps several workers (or runners, or SLURM jobs) from running a c
 
 Workers rebuild the grid from a ``GridJob`` (table, scale, rows, overrides), so a table whose
 functions are lambdas travels by its registry name and is looked up again on the other side.
+
+A cell runs only while its claim holds. When the heartbeat finds the claim taken over (this
+runner was stopped or stalled long enough for another to take the cell), the cell is stopped
+at its next step boundary (training step or sampling batch), before that step writes anything,
+and its outcome is "lost". A runner that takes a cell over waits, before it starts, until the
+cell folder's lock (``sdiff.runlock``) is free, that is until the previous owner has stopped
+or died: two runners never write into one cell folder.
 """
 
 from __future__ import annotations
@@ -38,17 +45,21 @@ from sdiff import __version__
 from sdiff.ablations import cell as cell_mod
 from sdiff.ablations.grid import Cell, Table, expand
 from sdiff.ablations.store import (
+    LIVE_GRACE_S,
+    STALE_AFTER_S,
     STORE_NAME,
     OwnershipLost,
     ResultsStore,
     StoreError,
     new_owner,
-    owner_alive,
+    owner_state,
     retire_owner,
 )
 from sdiff.ablations.store import (
     cell_dir as grid_cell_dir,
 )
+from sdiff.errors import RunFolderBusy, StopRequested
+from sdiff.runlock import RunLock
 
 __all__ = ["EXECUTORS", "GridJob", "TorchrunExecute", "run_claimed", "work_loop"]
 
@@ -69,7 +80,9 @@ class GridJob:
     device: str | None = None
     progress: bool = False  # the cell's own training bar
     heartbeat_s: float = 30.0
-    stale_after_s: float = 600.0
+    stale_after_s: float = STALE_AFTER_S
+    live_grace_s: float = LIVE_GRACE_S
+    poll_s: float = 1.0  # how often a waiting runner looks again
     journal: str = "wal"
     git_sha: str | None = None
 
@@ -86,6 +99,7 @@ class GridJob:
         return ResultsStore(
             Path(self.out_dir) / STORE_NAME,
             stale_after_s=self.stale_after_s,
+            live_grace_s=self.live_grace_s,
             journal=self.journal,
         )
 
@@ -130,7 +144,9 @@ def versions() -> dict[str, str]:
 def describe_device(device: str | None) -> str:
     import torch
 
-    d = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from sdiff.devices import resolve_device
+
+    d = resolve_device(device)
     if d.type == "cuda" and torch.cuda.is_available():
         index = d.index if d.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
@@ -161,8 +177,11 @@ def git_sha() -> str | None:
 
 # -- one claimed cell ----------------------------------------------------------------------------
 @contextlib.contextmanager
-def _heartbeat(store: ResultsStore, hash: str, owner: str, every_s: float) -> Iterator[None]:
-    """Refresh the claim every ``every_s`` seconds from a thread (its own connection)."""
+def _heartbeat(
+    store: ResultsStore, hash: str, owner: str, every_s: float, lost: threading.Event, log: Log
+) -> Iterator[None]:
+    """Refresh the claim every ``every_s`` seconds from a thread (its own connection); set
+    ``lost`` when another runner has taken the cell over."""
     stop = threading.Event()
 
     def beat() -> None:
@@ -172,7 +191,8 @@ def _heartbeat(store: ResultsStore, hash: str, owner: str, every_s: float) -> It
                 try:
                     store.heartbeat(hash, owner)
                 except OwnershipLost as err:
-                    print(f"warning: {err}", file=sys.stderr)
+                    log(f"{err}; stopping the cell at its next step")
+                    lost.set()
                     return
                 except StoreError as err:  # e.g. a full disk: keep trying, say it once
                     if not warned:
@@ -209,6 +229,23 @@ def _write_cell_json(run_dir: Path, cell: Cell) -> None:
 Execute = Callable[..., dict[str, Any]]
 
 
+def _wait_for_folder(run_dir: Path, lost: threading.Event, log: Log, poll_s: float) -> None:
+    """Return once no other process holds the cell folder (a runner whose claim was taken over
+    may still be finishing its step, or be stopped); ``StopRequested`` if this runner loses
+    the claim meanwhile."""
+    said = False
+    while True:
+        try:
+            with RunLock(run_dir, "sdiff ablate"):
+                return
+        except RunFolderBusy as busy:
+            if not said:
+                log(f"waiting for the cell folder: {busy}")
+                said = True
+        if lost.wait(poll_s):
+            raise StopRequested(f"{run_dir}: the claim was lost while waiting for the folder")
+
+
 def run_claimed(
     store: ResultsStore,
     owner: str,
@@ -219,17 +256,26 @@ def run_claimed(
     log: Log = print,
 ) -> str:
     """Run a cell ``owner`` has claimed and record the outcome: "done", "failed", or "lost"
-    (another runner took the claim over; its result is the one kept). A store that cannot
-    be written (full disk) raises ``StoreError``; an interrupt gives the claim back."""
+    (another runner took the claim over: the cell stops at its next step and the other
+    runner's result is the one kept). ``execute(cell, table, run_dir, progress=, device=,
+    should_stop=)`` must end with ``StopRequested`` once ``should_stop()`` is true. A store
+    that cannot be written (full disk) raises ``StoreError``; an interrupt gives the claim
+    back."""
     execute = execute or cell_mod.execute
     run_dir = job.cell_dir(cell.hash)
     where = {"device": _describe(execute, job), "versions": versions(), "git_sha": job.git_sha}
     start = time.perf_counter()
+    lost = threading.Event()
     try:
-        with _heartbeat(store, cell.hash, owner, job.heartbeat_s):
-            run_dir.mkdir(parents=True, exist_ok=True)
+        with _heartbeat(store, cell.hash, owner, job.heartbeat_s, lost, log):
+            _wait_for_folder(run_dir, lost, log, job.poll_s)
             _write_cell_json(run_dir, cell)
-            metrics = execute(cell, table, run_dir, progress=job.progress, device=job.device)
+            metrics = execute(cell, table, run_dir, progress=job.progress, device=job.device,
+                              should_stop=lost.is_set)  # fmt: skip
+    except StopRequested:
+        log(f"cell {cell.hash} ({cell.row} / {cell.column}): another runner took it over; "
+            f"stopped here (its result will be that runner's)")  # fmt: skip
+        return "lost"
     except Exception:
         error = traceback.format_exc()
         last = error.strip().splitlines()[-1]
@@ -266,7 +312,6 @@ def work_loop(
     wait: bool = False,
     on_progress: Progress | None = None,
     log: Log = print,
-    poll_s: float = 1.0,
 ) -> Counter:
     """Claim and run the grid's cells until none is left for this worker. With ``wait``, also
     wait for cells other live runners hold, and take over those whose runner dies. Each cell
@@ -287,12 +332,15 @@ def work_loop(
                 if not (wait and busy):
                     break
                 if not said_waiting:
-                    owners = sorted({r["owner"] for r in busy})
-                    log(f"waiting for {len(busy)} cell(s) other runners hold: {', '.join(owners)}")
+                    owners = "; ".join(sorted({owner_state(r["owner"], r["heartbeat"])
+                                               for r in busy}))  # fmt: skip
+                    log(f"waiting for {len(busy)} cell(s) other runners hold ({owners}); a "
+                        f"stopped runner (Ctrl-Z) of this host keeps its cells "
+                        f"{job.live_grace_s:.0f} s: continue it (fg) or end it")  # fmt: skip
                     said_waiting = True
                 if on_progress:
                     on_progress()
-                time.sleep(poll_s)
+                time.sleep(job.poll_s)
                 continue
             tried.add(h)
             counts[run_claimed(store, owner, by_hash[h], table, job, execute, log)] += 1
@@ -407,14 +455,21 @@ def _tail(path: Path, lines: int = 40) -> str:
     return ""
 
 
-def evaluate_trained(cell: Cell, run_dir: Path, device: str | None, train_s: float) -> dict:
+def evaluate_trained(
+    cell: Cell,
+    run_dir: Path,
+    device: str | None,
+    train_s: float,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict:
     """``cell.execute``'s evaluation, for a run trained by other processes (a checkpoint
     written by N processes cannot be resumed by a one-process Trainer)."""
-    import torch
+    from sdiff.devices import resolve_device
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(device))
     start = time.perf_counter() - train_s
-    return cell_mod.evaluate_cell(cell, run_dir, device=device, train_s=train_s, start=start)
+    return cell_mod.evaluate_cell(cell, run_dir, device=device, train_s=train_s, start=start,
+                                  should_stop=should_stop)  # fmt: skip
 
 
 class TorchrunExecute:
@@ -449,9 +504,11 @@ class TorchrunExecute:
         *,
         progress: bool = False,
         device: str | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         if cell.kind == "compute":
-            return cell_mod.execute(cell, table, run_dir, progress=progress, device=device)
+            return cell_mod.execute(cell, table, run_dir, progress=progress, device=device,
+                                    should_stop=should_stop)  # fmt: skip
         from sdiff.config import to_json
 
         config_path = run_dir / "config.json"  # what the trainer writes and checks on resume
@@ -465,19 +522,26 @@ class TorchrunExecute:
             command = self.command(config_path, run_dir)
             out.write(f"\n$ {' '.join(command)}\n")
             out.flush()
-            rc = subprocess.run(
-                command,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-                check=False,
-            ).returncode
+            proc = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            )
+            while True:
+                try:
+                    rc = proc.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    if should_stop is not None and should_stop():
+                        proc.terminate()  # its checkpoints so far stay for the new owner
+                        proc.wait()
+                        raise StopRequested(
+                            f"torchrun training of cell {cell.hash} stopped"
+                        ) from None
         if rc:
             raise RuntimeError(
                 f"torchrun training of cell {cell.hash} exited with code {rc}; the end of "
                 f"{log_path}:\n{_tail(log_path)}"
             )
-        return evaluate_trained(cell, run_dir, device, time.perf_counter() - start)
+        return evaluate_trained(cell, run_dir, device, time.perf_counter() - start, should_stop)
 
 
 def run_torchrun(
@@ -511,7 +575,7 @@ def slurm_cell_job(job: GridJob, hash: str) -> str:
             row = store.get(hash)
             if row["status"] != "running":
                 return row["status"]  # done, or failed and not to be retried
-            if not owner_alive(row["owner"], row["heartbeat"], store.stale_after_s):
+            if not store.owner_alive(row):
                 continue
             time.sleep(min(job.heartbeat_s, 30.0))
     finally:

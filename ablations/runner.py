@@ -29,7 +29,9 @@ from typing import Any
 
 from sdiff.ablations.executors import EXECUTORS, GridJob, git_sha
 from sdiff.ablations.grid import SCALES, Table, expand
-from sdiff.ablations.store import STORE_NAME, ResultsStore, StoreError, owner_alive
+from sdiff.ablations.store import LIVE_GRACE_S, STALE_AFTER_S, STORE_NAME, ResultsStore
+from sdiff.cli_args import ExtendList
+from sdiff.errors import report_failure
 
 __all__ = ["ablate_main", "dry_run", "format_results", "list_tables", "resolve_table", "run_grid"]
 
@@ -161,8 +163,7 @@ def _status_counts(store: ResultsStore, hashes: list[str]) -> tuple[Counter, lis
     for r in rows:
         status = r["status"]
         if status == "running":
-            alive = owner_alive(r["owner"], r["heartbeat"], store.stale_after_s)
-            status = "running" if alive else "interrupted"
+            status = "running" if store.owner_alive(r) else "interrupted"
         counts[status] += 1
     return counts, rows
 
@@ -181,7 +182,9 @@ def run_grid(
     device: str | None = None,
     executor_options: dict[str, Any] | None = None,
     heartbeat_s: float = 30.0,
-    stale_after_s: float = 600.0,
+    stale_after_s: float = STALE_AFTER_S,
+    live_grace_s: float = LIVE_GRACE_S,
+    poll_s: float = 1.0,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Run every cell of ``table`` at ``scale`` not done yet; returns the store's rows for the
@@ -192,10 +195,16 @@ def run_grid(
     slurm: jobs running at once (array parallelism; default unlimited). ``executor_options``:
     submitit parameters for slurm (``cluster="local"`` runs the jobs locally). A running cell
     whose heartbeat (refreshed every ``heartbeat_s``) is older than ``stale_after_s`` counts as
-    abandoned and is taken over.
+    abandoned and is taken over; ``live_grace_s`` instead when its runner is a process of this
+    host that still exists (``ablations.store``). A device this machine lacks is an error
+    before anything is written.
     """
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose one of {sorted(EXECUTORS)}")
+    if device is not None:
+        from sdiff.devices import resolve_device
+
+        resolve_device(device)
     if stale_after_s <= 2 * heartbeat_s:
         raise ValueError(
             f"stale_after_s ({stale_after_s}) must exceed twice heartbeat_s ({heartbeat_s})"
@@ -203,7 +212,9 @@ def run_grid(
     cells = expand(table, scale, rows=rows, overrides=overrides)
     out = Path(out_dir)
     journal = "delete" if executor == "slurm" else "wal"  # WAL needs one machine's shared memory
-    store = ResultsStore(out / STORE_NAME, stale_after_s=stale_after_s, journal=journal)
+    store = ResultsStore(
+        out / STORE_NAME, stale_after_s=stale_after_s, live_grace_s=live_grace_s, journal=journal
+    )
     hashes = [c.hash for c in cells]
     try:
         new = store.add(cells)
@@ -222,6 +233,8 @@ def run_grid(
         progress=progress,
         heartbeat_s=heartbeat_s,
         stale_after_s=stale_after_s,
+        live_grace_s=live_grace_s,
+        poll_s=poll_s,
         journal=journal,
         git_sha=git_sha(),
     )
@@ -314,11 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("table", nargs="?", help="table number (1-8) or name; see --list")
     p.add_argument("--preset", default="smoke", help="scale: smoke (CPU), gpu or paper")
     p.add_argument("--out", help="output folder (default runs/ablate/table<N>-<preset>)")
-    p.add_argument("--rows", nargs="+", action="extend", metavar="ROW", help="only these rows")
+    p.add_argument("--rows", nargs="+", action=ExtendList, metavar="ROW", help="only these rows")
     p.add_argument(
         "--set",
         nargs="+",
-        action="extend",
+        action=ExtendList,
         metavar="KEY=VALUE",
         default=[],
         help="overrides for all cells, e.g. data.root=/data/imagenet/train",
@@ -330,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--executor-opt",
         nargs="+",
-        action="extend",
+        action=ExtendList,
         metavar="KEY=VALUE",
         default=[],
         help="slurm: submitit parameters, e.g. slurm_partition=gpu gpus_per_node=1 "
@@ -342,10 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def ablate_main(argv: list[str] | None = None, *, tables: Mapping[Any, Table] | None = None) -> int:
-    """``sdiff ablate``. Exit 0: every cell done; 1: some failed or could not be recorded;
-    2: a usage error (unknown table, row, preset, option). ``tables``: a registry to use
-    instead of ``sdiff.ablations.TABLES`` (tests)."""
+def ablate_main(
+    argv: list[str] | None = None,
+    *,
+    tables: Mapping[Any, Table] | None = None,
+    debug: bool = False,
+) -> int:
+    """``sdiff ablate``. Exit 0: every cell done; 1: some failed; otherwise the code of the
+    failure (``sdiff.errors``: 2 a usage error such as an unknown table, row, preset or option;
+    4 a store or folder that cannot be written, a full disk; 5 a device this machine lacks).
+    ``tables``: a registry to use instead of ``sdiff.ablations.TABLES`` (tests); ``debug``:
+    let the exception through, traceback and all."""
     parser = build_parser()
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
@@ -379,11 +399,7 @@ def ablate_main(argv: list[str] | None = None, *, tables: Mapping[Any, Table] | 
             device=args.device,
             executor_options=_parse_options(args.executor_opt),
         )
-    except ValueError as err:
-        print(f"sdiff ablate: error: {err}", file=sys.stderr)
-        return 2
-    except StoreError as err:
-        print(f"sdiff ablate: error: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:
+        return report_failure("sdiff ablate", err, debug=debug)
     print(format_results(table, rows))
     return 0 if all(r["status"] == "done" for r in rows) else 1

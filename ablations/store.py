@@ -15,11 +15,16 @@ store: WAL journal (readers never block the writer), a busy timeout, and ``BEGIN
 around each read-decide-write so that two claimants of one cell cannot both win.
 
 Claiming (``claim``/``claim_next``): a ``pending`` cell can be claimed; a ``failed`` one only
-with ``retry_failed``; a ``done`` one never; a ``running`` one only when its owner is gone:
-its heartbeat is older than ``stale_after_s``, or it ran on this host and its process no longer
-exists (or, for an owner inside this very process, its runner has ended). ``heartbeat``,
-``finish``, ``fail`` and ``release`` take effect only for the current owner, so a runner whose
-claim was taken over cannot overwrite the new owner's result.
+with ``retry_failed``; a ``done`` one never; a ``running`` one only when its owner is gone. An
+owner on this host is gone when its process no longer exists (or, for an owner inside this very
+process, its runner has ended); while its process exists, a stale heartbeat alone does not
+count, since the process may only be stopped (Ctrl-Z, a paused VM), until the heartbeat is
+older than ``live_grace_s`` (hours). An owner on another host is gone when its heartbeat is
+older than ``stale_after_s``. ``heartbeat``, ``finish``, ``fail`` and ``release`` take effect
+only for the current owner, so a runner whose claim was taken over cannot overwrite the new
+owner's result; its heartbeat learns of the loss and its cell stops at the next step
+(``ablations.executors``), and the cell folder's own lock (``sdiff.runlock``) keeps the new
+owner out of the folder until the old one has let go of it.
 
 The file carries a schema version in its ``meta`` table; a store written with another version
 is refused with both versions named, never migrated or overwritten.
@@ -39,6 +44,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from sdiff.errors import EXIT_BUSY, EXIT_IO, EXIT_USAGE, is_disk_full
+
 __all__ = [
     "SCHEMA_VERSION",
     "STATUSES",
@@ -49,10 +56,13 @@ __all__ = [
     "cell_dir",
     "new_owner",
     "owner_alive",
+    "owner_state",
     "retire_owner",
 ]
 
 SCHEMA_VERSION = 1
+STALE_AFTER_S = 600.0  # a heartbeat this old means a remote owner is gone
+LIVE_GRACE_S = 3600.0  # a local owner whose process exists: only a heartbeat this old
 STORE_NAME = "results.sqlite"  # a grid folder: STORE_NAME beside cells/<hash>/ run folders
 STATUSES = ("pending", "running", "done", "failed")
 
@@ -103,9 +113,16 @@ def cell_dir(grid_dir: str | os.PathLike[str], hash: str) -> Path:
 class StoreError(RuntimeError):
     """The results store cannot be opened or written (named in the message)."""
 
+    def __init__(self, message: str, exit_code: int = EXIT_IO) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code  # sdiff.errors: a file-system failure unless said otherwise
+
 
 class OwnershipLost(StoreError):
     """A write by a runner that no longer owns the cell (another runner took it over)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_BUSY)
 
 
 def new_owner() -> str:
@@ -134,21 +151,40 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def owner_alive(owner: str | None, heartbeat: float | None, stale_after_s: float) -> bool:
+def owner_alive(
+    owner: str | None,
+    heartbeat: float | None,
+    stale_after_s: float = STALE_AFTER_S,
+    live_grace_s: float = LIVE_GRACE_S,
+) -> bool:
     """Whether a running cell's claim still stands (see the module docstring)."""
-    if not owner or heartbeat is None or time.time() - heartbeat > stale_after_s:
+    if not owner or heartbeat is None:
         return False
+    age = time.time() - heartbeat
     host, _, rest = owner.partition(":")
     pid_text, _, token = rest.partition(":")
     if host != _HOST or not pid_text.isdigit():
-        return True  # another machine: only its heartbeat tells
+        return age <= stale_after_s  # another machine: only its heartbeat tells
     if int(pid_text) == os.getpid():
-        return token in _LIVE_TOKENS
-    return _pid_alive(int(pid_text))
+        return token in _LIVE_TOKENS and age <= live_grace_s
+    return _pid_alive(int(pid_text)) and age <= live_grace_s
 
 
-def _is_disk_full(err: BaseException) -> bool:
-    return getattr(err, "sqlite_errorname", "") == "SQLITE_FULL" or "disk is full" in str(err)
+def owner_state(owner: str | None, heartbeat: float | None) -> str:
+    """A few words on a claim's owner for messages: its pid, and how old its heartbeat is."""
+    if not owner or heartbeat is None:
+        return f"owner {owner}"
+    age = time.time() - heartbeat
+    return f"owner {owner}, last heartbeat {age:.0f} s ago"
+
+
+def _is_disk_full(err: BaseException, path: Path) -> bool:
+    """SQLITE_FULL, or an I/O error (a WAL store on a full disk fails to grow its shared-memory
+    file: SQLITE_IOERR_SHMSIZE, "disk I/O error") where the disk has no space left."""
+    name = getattr(err, "sqlite_errorname", "")
+    if name == "SQLITE_FULL" or "disk is full" in str(err):
+        return True
+    return (name.startswith("SQLITE_IOERR") or "disk I/O error" in str(err)) and is_disk_full(path)
 
 
 class _Connection(sqlite3.Connection):
@@ -158,29 +194,38 @@ class _Connection(sqlite3.Connection):
 class ResultsStore:
     """One SQLite results file shared by every runner of a grid (see the module docstring).
 
-    ``stale_after_s``: a running cell whose heartbeat is older than this is taken to be
-    abandoned (runners refresh it every ``heartbeat_s`` of the runner, 30 s by default), so it
-    must comfortably exceed the heartbeat interval. ``journal``: ``"wal"`` (default) for
-    processes on one machine; ``"delete"`` (a rollback journal) for a store on a network
-    filesystem shared by several machines, where WAL's shared memory does not work.
+    ``stale_after_s``: a running cell of another host whose heartbeat is older than this is
+    taken to be abandoned (runners refresh it every ``heartbeat_s`` of the runner, 30 s by
+    default), so it must comfortably exceed the heartbeat interval. ``live_grace_s``: the same
+    for an owner on this host whose process still exists (stopped, not dead): much longer.
+    ``journal``: ``"wal"`` (default) for processes on one machine; ``"delete"`` (a rollback
+    journal) for a store on a network filesystem shared by several machines, where WAL's shared
+    memory does not work.
     """
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         *,
-        stale_after_s: float = 600.0,
+        stale_after_s: float = STALE_AFTER_S,
+        live_grace_s: float = LIVE_GRACE_S,
         busy_timeout_s: float = 60.0,
         journal: str = "wal",
     ) -> None:
         if journal not in ("wal", "delete"):
             raise ValueError(f"journal must be 'wal' or 'delete'; got {journal!r}")
+        if live_grace_s < stale_after_s:
+            raise ValueError(
+                f"live_grace_s ({live_grace_s}) must be at least stale_after_s ({stale_after_s})"
+            )
         self.path = Path(path)
         self.stale_after_s = stale_after_s
+        self.live_grace_s = live_grace_s
         self.busy_timeout_s = busy_timeout_s
         self.journal = journal
         self._local = threading.local()  # one connection per thread (heartbeat thread)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.parent.is_dir():
+            self.path.parent.mkdir(parents=True)
         try:
             self._init_schema()
         except BaseException:
@@ -205,7 +250,9 @@ class ResultsStore:
             except sqlite3.OperationalError as err:
                 raise self._error("opening", err) from err
             except sqlite3.DatabaseError as err:
-                raise StoreError(f"{self.path} is not a results store (sqlite: {err})") from err
+                raise StoreError(
+                    f"{self.path} is not a results store (sqlite: {err})", EXIT_USAGE
+                ) from err
             self._local.conn = conn
         return conn
 
@@ -241,13 +288,18 @@ class ResultsStore:
             raise StoreError(f"results store {self.path}: {what} failed: {err}") from err
 
     def _error(self, what: str, err: sqlite3.Error) -> StoreError:
-        if _is_disk_full(err):
+        if _is_disk_full(err, self.path):
             return StoreError(
                 f"results store {self.path}: {what} failed because the disk is full "
                 f"(sqlite: {err}). Nothing was written by this attempt; results recorded "
                 f"earlier are intact. Free some space and run again."
             )
-        return StoreError(f"results store {self.path}: {what} failed: {err}")
+        text = str(err)
+        if "readonly" in text or "unable to open" in text:
+            writable = os.access(self.path.parent, os.W_OK) and not _read_only(self.path.parent)
+            if not writable:
+                text += f" ({self.path.parent} cannot be written: a read-only folder?)"
+        return StoreError(f"results store {self.path}: {what} failed: {text}")
 
     def _read(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
         try:
@@ -264,7 +316,9 @@ class ResultsStore:
         except sqlite3.OperationalError as err:
             raise self._error("opening", err) from err
         except sqlite3.DatabaseError as err:
-            raise StoreError(f"{self.path} is not a results store (sqlite: {err})") from err
+            raise StoreError(
+                f"{self.path} is not a results store (sqlite: {err})", EXIT_USAGE
+            ) from err
         if mode.lower() != self.journal:
             raise StoreError(
                 f"results store {self.path}: cannot switch its journal to {self.journal!r} "
@@ -277,7 +331,8 @@ class ResultsStore:
             if names and "meta" not in names:
                 raise StoreError(
                     f"{self.path} is an SQLite file but not a results store "
-                    f"(tables {sorted(names)}, no meta table); use another --out folder"
+                    f"(tables {sorted(names)}, no meta table); use another --out folder",
+                    EXIT_USAGE,
                 )
             if not names:
                 for statement in _SCHEMA.split(";\n"):  # not executescript: it would commit
@@ -293,7 +348,8 @@ class ResultsStore:
             raise StoreError(
                 f"results store {self.path} has schema version {found}, but this sdiff reads and "
                 f"writes version {SCHEMA_VERSION}; it is neither migrated nor overwritten: use "
-                f"the sdiff that wrote it, or another --out folder"
+                f"the sdiff that wrote it, or another --out folder",
+                EXIT_USAGE,
             )
 
     # -- writes ---------------------------------------------------------------------------
@@ -336,8 +392,12 @@ class ResultsStore:
             finished = row["finished_at"] or 0.0
             return retry_failed or (failed_before is not None and finished < failed_before)
         if status == "running":
-            return not owner_alive(row["owner"], row["heartbeat"], self.stale_after_s)
+            return not self.owner_alive(row)
         return False
+
+    def owner_alive(self, row: dict[str, Any]) -> bool:
+        """Whether the claim on a running row still stands (module docstring)."""
+        return owner_alive(row["owner"], row["heartbeat"], self.stale_after_s, self.live_grace_s)
 
     def claim_next(
         self,
@@ -494,6 +554,13 @@ def _decode(row: dict[str, Any]) -> dict[str, Any]:
         if out.get(key) is not None:
             out[key] = json.loads(out[key])
     return out
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _now_text() -> str:

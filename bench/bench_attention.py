@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from sdiff.bench import git_sha
+from sdiff.cli_args import ExtendList
 
 SDPA = {
     "sdpa-flash": "FLASH_ATTENTION",
@@ -154,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--head-dims", type=int, nargs="+", action=ExtendList, default=[64, 128])
+    p.add_argument("--lengths", type=int, nargs="+", action=ExtendList,
+                   default=[256, 1024, 2048, 4096, 8192, 16384])  # fmt: skip
     p.add_argument("--tokens", type=int, default=16384, help="batch x sequence length")
     p.add_argument("--width", type=int, default=2048, help="heads = width / head dim")
-    p.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--backends", nargs="+", action=ExtendList, default=BACKENDS, choices=BACKENDS)
+    p.add_argument("--modes", nargs="+", action=ExtendList, default=list(MODES), choices=MODES)
     p.add_argument("--max-math-len", type=int, default=4096, help="skip sdpa-math above this")
     p.add_argument("--csv", default="runs/bench/attention.csv")
     p.add_argument("--markdown")

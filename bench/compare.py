@@ -109,8 +109,13 @@ def git(repo: Path, *args: str) -> str:
 
 
 def resolve(repo: Path, rev: str) -> str:
+    """The commit ``rev`` names. A user's revision never reaches git where an option could
+    stand: one starting with '-' is refused, and ``--end-of-options`` ends git's options."""
+    if rev.startswith("-"):
+        raise BadInput(f"a revision cannot start with '-': {rev!r}")
     try:
-        return git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+        return git(repo, "rev-parse", "--verify", "--quiet", "--end-of-options",
+                   f"{rev}^{{commit}}")  # fmt: skip
     except BadInput:
         raise BadInput(f"unknown revision {rev!r} in {repo}") from None
 

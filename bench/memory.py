@@ -530,7 +530,9 @@ def measure_training_memory(
     ``compare`` pairs them with an estimate."""
     name, config = resolve_config(config)
     _check_batch(batch)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from sdiff.devices import resolve_device
+
+    device = resolve_device(device)
     if device.type not in DEVICES:
         raise ValueError(f"cannot measure on device {device.type!r}; use cuda or cpu")
     dtype = dtype or ("bf16" if device.type == "cuda" else "fp32")

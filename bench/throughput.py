@@ -36,7 +36,9 @@ from pathlib import Path
 import torch
 
 from sdiff.bench import git_sha
+from sdiff.cli_args import ExtendList
 from sdiff.compile import maybe_compile
+from sdiff.devices import resolve_device
 from sdiff.diffusion import DiffusionConfig, diffusion_loss
 from sdiff.flops import example_inputs, model_stats
 from sdiff.presets import PRESETS, ModelConfig, build_model, get_preset
@@ -231,11 +233,12 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="sdiff bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", nargs="+", default=["unet-tiny-32", "uvit-tiny-32"])
-    p.add_argument("--res", type=int, nargs="+", default=[32, 64])
-    p.add_argument("--batch", type=int, nargs="+", default=[8])
+    p.add_argument("--presets", nargs="+", action=ExtendList,
+                   default=["unet-tiny-32", "uvit-tiny-32"])  # fmt: skip
+    p.add_argument("--res", type=int, nargs="+", action=ExtendList, default=[32, 64])
+    p.add_argument("--batch", type=int, nargs="+", action=ExtendList, default=[8])
     p.add_argument("--compiled", choices=["no", "yes", "both"], default="no")
-    p.add_argument("--backends", nargs="+", default=["auto"])
+    p.add_argument("--backends", nargs="+", action=ExtendList, default=["auto"])
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=5 if not cuda else 10)
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.presets) - set(PRESETS))
     if unknown:
         get_preset(unknown[0])  # raises with the known names
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     meta = {
         "device": device_label(device),
         "torch": str(torch.__version__),

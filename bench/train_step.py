@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from sdiff.bench import git_sha
+from sdiff.cli_args import ExtendList
 from sdiff.config import RunConfig, TrainConfig
 from sdiff.data import DataConfig
 from sdiff.presets import get_preset
@@ -62,7 +63,10 @@ def measure(preset: str, batch: int, warmup: int, steps: int, run_dir: Path) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--presets", nargs="+", default=["unet-tiny-32", "uvit-tiny-32", "uvit-digits-32"]
+        "--presets",
+        nargs="+",
+        action=ExtendList,
+        default=["unet-tiny-32", "uvit-tiny-32", "uvit-digits-32"],
     )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--warmup", type=int, default=3)

@@ -14,6 +14,10 @@ Commands so far:
   eval            FID / KID / precision-recall of a run (generating its samples) or a folder
   demo            the main job: ``--table 2`` runs Table 2's smoke grid and writes its report
                   (``make demo``); without it, one digits model: train, sample a grid, evaluate
+
+Failures a user can cause or meet (a bad value, a missing or unwritable file, a full disk, a
+device this machine lacks, a run folder another process owns) are one line on stderr and an
+exit code per kind (``sdiff.errors``); ``sdiff --debug COMMAND ...`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +34,8 @@ import pandas as pd
 import torch
 
 from sdiff import __version__
+from sdiff.cli_args import ExtendList
+from sdiff.errors import report_failure
 from sdiff.samplers import SAMPLERS
 from sdiff.schedules import SCHEDULES, ScheduleConfig, alpha_sigma
 
@@ -116,8 +123,9 @@ def _write_sampler_check(args: argparse.Namespace, out: Path) -> pd.DataFrame:
 
 
 def _add_check_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samplers", nargs="+", default=["ddpm", "ddim"], choices=sorted(SAMPLERS))
-    p.add_argument("--steps", nargs="+", type=int, default=[16, 64, 256, 1024])
+    p.add_argument("--samplers", nargs="+", action=ExtendList, default=["ddpm", "ddim"],
+                   choices=sorted(SAMPLERS))  # fmt: skip
+    p.add_argument("--steps", nargs="+", action=ExtendList, type=int, default=[16, 64, 256, 1024])
     p.add_argument("--n", type=int, default=20_000, help="samples per sampler and step count")
     p.add_argument("--seed", type=int, default=0)
 
@@ -166,11 +174,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     config = resolve_run_config(args)
+    device = _device(args.device)
     print(f"training {args.preset} ({config.train.total_images} images) into {out.resolve()}")
-    trainer = Trainer(config, out, device=args.device, progress=not args.no_progress)
+    trainer = Trainer(config, out, device=device, progress=not args.no_progress)
     trainer.run()
     train_s = time.perf_counter() - start
-    device = _device(args.device)
     model, config, step = load_trained(out, device=device)
     k = max(config.model.num_classes, 1)
     options = SampleOptions(n=10 * k, sampler="ddpm", steps=args.steps, guidance=args.guidance,
@@ -240,17 +248,33 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_config(path: Path):
+    """A run config from a JSON file; a file that is missing (OSError) or not valid JSON is an
+    error naming it."""
+    from sdiff.config import RunConfig, from_dict
+
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    try:
+        return from_dict(RunConfig, data)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
 def resolve_run_config(args: argparse.Namespace):
     """The config of ``sdiff train``: a preset or a JSON file, then ``--set`` overrides; with
     neither, the config stored in an existing ``--out`` folder (to resume it)."""
-    from sdiff.config import RunConfig, apply_overrides, from_dict, get_run_preset
+    from sdiff.config import apply_overrides, get_run_preset
 
     if args.config:
-        config = from_dict(RunConfig, json.loads(Path(args.config).read_text()))
+        config = _read_config(Path(args.config))
     elif args.preset:
         config = get_run_preset(args.preset)
     elif args.out and (Path(args.out) / "config.json").exists():
-        config = from_dict(RunConfig, json.loads((Path(args.out) / "config.json").read_text()))
+        config = _read_config(Path(args.out) / "config.json")
     else:
         config = get_run_preset("digits")
     return apply_overrides(config, args.set or [])
@@ -267,10 +291,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--out is required (the run folder)")
     from sdiff.train import Trainer
 
-    trainer = Trainer(config, args.out, device=args.device, progress=not args.no_progress)
+    device = _device(args.device) if args.device else None
+    trainer = Trainer(config, args.out, device=device, progress=not args.no_progress)
+    finished = trainer.step >= trainer.total_steps()
     result = trainer.run()
     if trainer.dist.main:
-        print(f"run: {Path(args.out).resolve()} (step {result.step}, {result.images} images)")
+        state = "already finished; nothing to do" if finished else "trained"
+        print(f"run: {Path(args.out).resolve()} {state} (step {result.step}, "
+              f"{result.images} images)")  # fmt: skip
         print(f"last checkpoint: {result.last_checkpoint}")
     return 0
 
@@ -292,12 +320,40 @@ def _add_sampling_args(p: argparse.ArgumentParser, n: int) -> None:
         metavar=("LOGSNR_LO", "LOGSNR_HI"),
         help="apply guidance only where logSNR lies in this interval (SiD2)",
     )
-    p.add_argument("--labels", type=int, nargs="+", help="class labels, cycled over the images")
+    p.add_argument("--labels", type=int, nargs="+", action=ExtendList,
+                   help="class labels, cycled over the images")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    """Where the model comes from: a run folder (its newest good checkpoint, which must have
+    been written by the folder's config.json), or one checkpoint file taken as it is."""
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--run", help="a run folder: its newest good checkpoint")
+    source.add_argument("--checkpoint", help="a checkpoint file, used as it is (not checked "
+                        "against a run's config)")  # fmt: skip
+
+
+def _source(args: argparse.Namespace) -> Path:
+    """The checked ``--run`` folder or ``--checkpoint`` file."""
+    if args.run:
+        run = Path(args.run)
+        if run.is_file():
+            raise ValueError(
+                f"--run takes a run folder; {run} is a file: name a checkpoint file with "
+                f"--checkpoint {run}"
+            )
+        if not run.is_dir():
+            raise ValueError(f"--run {run}: no such run folder")
+        return run
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise ValueError(f"--checkpoint {checkpoint}: no such checkpoint file")
+    return checkpoint
 
 
 def _sample_options(args: argparse.Namespace):
@@ -312,24 +368,38 @@ def _sample_options(args: argparse.Namespace):
 
 
 def _device(name: str | None) -> str:
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    """The device to run on, checked first: one this machine lacks is an error before anything
+    is built or written."""
+    from sdiff.devices import resolve_device
+
+    return str(resolve_device(name))
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from sdiff.files import ensure_folder
     from sdiff.images import save_folder, save_grid
     from sdiff.sample import generate, load_trained
 
     if not args.grid and not args.folder:
         raise ValueError("give --grid PATH and/or --folder DIR for the images")
+    if not (args.run or args.checkpoint):
+        raise ValueError("give --run FOLDER (a run) or --checkpoint FILE")
+    source = _source(args)
+    options = _sample_options(args)
     device = _device(args.device)
-    model, config, step = load_trained(args.run, ema=not args.no_ema, device=device)
-    images, _ = generate(model, config, _sample_options(args), device=device)
+    # outputs that cannot be written fail now, not after the sampling
+    if args.grid:
+        ensure_folder(Path(args.grid).parent)
+    if args.folder:
+        ensure_folder(args.folder)
+    model, config, step = load_trained(source, ema=not args.no_ema, device=device)
+    images, _ = generate(model, config, options, device=device)
     if args.grid:
         print(f"grid: {save_grid(images, args.grid)}")
     if args.folder:
         paths = save_folder(images, args.folder)
         print(f"{len(paths)} images in {Path(args.folder).resolve()}")
-    print(f"from step {step} of {args.run} ({'raw' if args.no_ema else 'EMA'} weights)")
+    print(f"from step {step} of {source} ({'raw' if args.no_ema else 'EMA'} weights)")
     return 0
 
 
@@ -346,20 +416,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         save_reference_stats(args.reference, args.save_reference, config)
         print(f"reference statistics: {Path(args.save_reference).resolve()}")
         return 0
-    if bool(args.run) == bool(args.samples):
-        raise ValueError("give exactly one of --run (generate from a run) or --samples FOLDER")
-    if args.run:
-        from sdiff.run_eval import evaluate_run
+    generated = bool(args.run or args.checkpoint)
+    if generated == bool(args.samples):
+        raise ValueError(
+            "give exactly one of --run FOLDER or --checkpoint FILE (generate from a trained "
+            "model) or --samples FOLDER"
+        )
+    if generated:
+        from sdiff.files import ensure_folder
+        from sdiff.run_eval import evaluate_run, metrics_path
 
+        source = _source(args)
+        options = _sample_options(args)
+        ensure_folder(metrics_path(source).parent)  # the record must be writable: check first
+        if args.save_samples:
+            ensure_folder(args.save_samples)
         record = evaluate_run(
-            args.run, _sample_options(args), config, reference=args.reference or "train",
-            reference_n=args.reference_n, ema=not args.no_ema, device=_device(args.device),
+            source, options, config, reference=args.reference or "train",
+            reference_n=args.reference_n, ema=not args.no_ema, device=config.device,
             samples_dir=args.save_samples,
         )  # fmt: skip
-        where = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent.parent
         print(json.dumps(record, indent=2, default=str))
         # stdout stays one JSON document (pipe it into jq); the location goes to stderr
-        print(f"recorded in {(where / 'metrics.json').resolve()}", file=sys.stderr)
+        print(f"recorded in {metrics_path(source).resolve()}", file=sys.stderr)
         return 0
     if not args.reference or args.reference == "train":
         raise ValueError("--samples needs --reference FOLDER or .npz")
@@ -370,7 +449,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     from sdiff.ablations.runner import ablate_main
 
-    return ablate_main(list(args.rest))
+    return ablate_main(list(args.rest), debug=args.debug)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -393,12 +472,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdiff", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"sdiff {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a failure (anywhere on the line)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (resumes an existing run folder)")
     p.add_argument("--preset", help="a run preset (see sdiff.config.RUN_PRESETS); default digits")
     p.add_argument("--config", help="a config.json to start from instead of a preset")
-    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="overrides, e.g. train.lr=1e-4")
+    p.add_argument("--set", nargs="+", action=ExtendList, metavar="KEY=VALUE",
+                   help="overrides, e.g. train.lr=1e-4 (repeatable)")  # fmt: skip
     p.add_argument("--out", help="the run folder")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     p.add_argument("--device", default=None)
@@ -406,18 +488,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="draw images from a trained run")
-    p.add_argument("--run", required=True, help="a run folder or a checkpoint file")
+    _add_source_args(p)
     _add_sampling_args(p, 64)
     p.add_argument("--grid", help="write a PNG grid here")
     p.add_argument("--folder", help="write one PNG per image into this folder")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="FID / KID / precision-recall of a run or an image folder")
-    p.add_argument("--run", help="a run folder or checkpoint: generate --n images and evaluate")
+    _add_source_args(p)  # generate --n images from it and evaluate them
     p.add_argument("--samples", help="a folder of generated images to evaluate instead")
     p.add_argument("--reference", help="'train' (the run's data; default), a folder, or an .npz")
     p.add_argument("--reference-n", type=int, help="with 'train': an evenly spaced subset")
-    p.add_argument("--metrics", nargs="+", default=["fid", "kid", "prc"],
+    p.add_argument("--metrics", nargs="+", action=ExtendList, default=["fid", "kid", "prc"],
                    choices=["fid", "kid", "prc", "isc"])  # fmt: skip
     p.add_argument(
         "--weights",
@@ -446,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("models", help="model presets with parameter and MAC counts")
-    p.add_argument("--preset", nargs="+", help="only these presets")
+    p.add_argument("--preset", nargs="+", action=ExtendList, help="only these presets")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_models)
 
@@ -465,7 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", help="run this table's smoke grid and write its report (make demo)")
     p.add_argument("--preset", default="digits")
     p.add_argument("--config", help="a config.json instead of the preset")
-    p.add_argument("--set", nargs="+", metavar="KEY=VALUE")
+    p.add_argument("--set", nargs="+", action=ExtendList, metavar="KEY=VALUE",
+                   help="overrides (repeatable)")  # fmt: skip
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--steps", type=int, default=32, help="DDPM steps for the grid and FID")
     p.add_argument("--guidance", type=float, default=3.0, help="guidance weight w")
@@ -478,8 +561,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line (``sdiff: warning: ...``), not a source location and code."""
+    print(f"sdiff: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; expected failures become one line and an exit code (module docstring).
+    ``--debug`` (anywhere before a ``--``) lets the exception through, traceback and all."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    head = argv[: argv.index("--")] if "--" in argv else argv
+    debug = "--debug" in head
+    if debug:
+        argv = [a for a in head if a != "--debug"] + argv[len(head) :]
     if argv and argv[0] == "bench":  # its own parsers (throughput, memory) take the rest
         args = argparse.Namespace(command="bench", rest=argv[1:], func=cmd_bench)
     elif argv and argv[0] == "ablate":  # the runner's own parser takes the rest
@@ -488,11 +582,11 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(command="report", rest=argv[1:], func=cmd_report)
     else:
         args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError as err:
-        print(f"sdiff {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except FloatingPointError as err:
-        print(f"sdiff {args.command}: stopped: {err}", file=sys.stderr)
-        return 3
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = _warning_line
+        args.debug = debug
+        try:
+            return args.func(args)
+        except (Exception, KeyboardInterrupt) as err:
+            return report_failure(f"sdiff {args.command}", err, debug=debug)

@@ -41,6 +41,7 @@ import pandas as pd
 from sdiff.ablations.grid import SCALES, cell_hash
 from sdiff.ablations.runner import DEFAULT_ROOT, default_out
 from sdiff.ablations.store import STORE_NAME, ResultsStore, StoreError, cell_dir
+from sdiff.cli_args import ExtendList
 
 __all__ = [
     "TableReport",
@@ -719,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("table", nargs="?", help="table number 1-8 or alias (omit with --all)")
     p.add_argument("--all", action="store_true", help="every table found, bench plots, index")
     p.add_argument("--scale", default="smoke", choices=[*SCALES, "all"])
-    p.add_argument("--store", nargs="+", default=None,
+    p.add_argument("--store", nargs="+", action=ExtendList, default=None,
                    help="results stores (files or runner --out folders); default: "
                    "runs/ablate/table<N>-<scale>")  # fmt: skip
     p.add_argument("--runs", default=DEFAULT_ROOT, help="where --all looks for stores")

@@ -10,7 +10,9 @@ own training data (optionally an evenly spaced subset of ``reference_n`` images,
 runs); a folder or an ``.npz`` (ADM reference batches hold ``mu``/``sigma`` and images) gives
 either at paper scale. Each evaluation of a run is appended to ``<run>/metrics.json`` with the
 sampling settings, the checkpoint step, the weights of the feature network and the sample
-counts, so a number in a report can be traced back to how it was made.
+counts, so a number in a report can be traced back to how it was made. A checkpoint file named
+explicitly (``--checkpoint``) is evaluated as it is and recorded in ``metrics.json`` beside the
+file. Evaluating holds the lock of the folder it records into (``sdiff.runlock``).
 """
 
 from __future__ import annotations
@@ -19,18 +21,23 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sdiff.checkpoint import load_checkpoint
 from sdiff.data import build_dataset
+from sdiff.errors import StopRequested
 from sdiff.evaluate import EvalConfig, ReferenceStats, evaluate, inception_features
+from sdiff.files import atomic_write_text
 from sdiff.images import save_folder, to_uint8
-from sdiff.sample import SampleOptions, generate, load_trained, resolve_checkpoint
+from sdiff.runlock import RunLock
+from sdiff.sample import BUSY_HINT, SampleOptions, generate, load_run_checkpoint, model_from_state
 
-__all__ = ["evaluate_run", "training_reference"]
+__all__ = ["evaluate_run", "metrics_path", "training_reference"]
 
 
 def training_reference(config, n: int | None = None) -> torch.Tensor:
@@ -69,6 +76,12 @@ def training_reference_stats(config, n: int | None, eval_config: EvalConfig) -> 
     return stats
 
 
+def metrics_path(source: str | Path) -> Path:
+    """Where the evaluations of a run folder, or of a checkpoint file, are recorded."""
+    source = Path(source)
+    return (source if source.is_dir() else source.parent) / "metrics.json"
+
+
 def evaluate_run(
     run: str | Path,
     options: SampleOptions,
@@ -79,12 +92,27 @@ def evaluate_run(
     ema: bool = True,
     device: str = "cpu",
     samples_dir: str | Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    """Generate ``options.n`` images from the run's checkpoint and evaluate them."""
-    checkpoint = resolve_checkpoint(run)
-    model, config, step = load_trained(checkpoint, ema=ema, device=device)
+    """Generate ``options.n`` images from a run folder's newest good checkpoint (checked
+    against the run's config) or from a checkpoint file, evaluate them, and append the record
+    to ``metrics_path(run)``. ``should_stop`` ends it early (``StopRequested``), before the
+    record is written."""
+    path = metrics_path(run)
+    with RunLock(path.parent, "sdiff eval", hint=BUSY_HINT):
+        return _evaluate(run, path, options, eval_config, reference, reference_n, ema, device,
+                         samples_dir, should_stop)  # fmt: skip
+
+
+def _evaluate(run, path, options, eval_config, reference, reference_n, ema, device, samples_dir,
+              should_stop) -> dict[str, Any]:  # fmt: skip
+    if Path(run).is_dir():
+        checkpoint, state = load_run_checkpoint(run)
+    else:
+        checkpoint, state = Path(run), load_checkpoint(run)
+    model, config, step = model_from_state(state, ema=ema, device=device)
     start = time.perf_counter()
-    images, _ = generate(model, config, options, device=device)
+    images, _ = generate(model, config, options, device=device, should_stop=should_stop)
     sample_s = time.perf_counter() - start
     if samples_dir is not None:
         save_folder(images, samples_dir)
@@ -108,8 +136,9 @@ def evaluate_run(
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         **result,
     }
-    run_dir = Path(run) if Path(run).is_dir() else checkpoint.parent.parent
-    _append_record(run_dir / "metrics.json", record)
+    if should_stop is not None and should_stop():
+        raise StopRequested(f"evaluation of {run} stopped on request before its record")
+    _append_record(path, record)
     return record
 
 
@@ -122,6 +151,4 @@ def _append_record(path: Path, record: dict) -> None:
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path} exists but is not an sdiff metrics file: {err}") from err
     records.append(record)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"evaluations": records}, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"evaluations": records}, indent=2, default=str) + "\n")

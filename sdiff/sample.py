@@ -2,8 +2,13 @@
 
     sdiff sample --run runs/digits --n 64 --steps 256 --guidance 1.0 --grid grid.png
 
-Loads a checkpoint (the run's latest by default) and its config, takes the EMA weights unless
-told otherwise, and draws images with any registered sampler. Class labels cycle over the
+Loads a run folder's newest good checkpoint, or a checkpoint file named explicitly, and its
+config; takes the EMA weights unless told otherwise, and draws images with any registered
+sampler. A run folder's checkpoint must have been written by the folder's own ``config.json``
+(one dropped in from another run is refused, naming the fields that differ); a file named
+explicitly is used as it is. Reading a run folder holds its lock shared (``sdiff.runlock``):
+a trainer that owns the folder is not raced, and to sample while one trains, name one of its
+checkpoint files. Class labels cycle over the
 classes unless given; guidance uses the null class as the unconditional condition, with weight
 w as in the paper (eps = (1 + w) eps_cond - w eps_uncond; other libraries' "guidance scale" is
 1 + w). Images come back as uint8 (N, C, H, W) and can be written as a grid and/or a folder.
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,17 +26,31 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from sdiff.checkpoint import list_checkpoints, load_checkpoint
+from sdiff.checkpoint import load_checkpoint, load_latest_good
 from sdiff.compile import maybe_compile
-from sdiff.config import RunConfig, from_dict
+from sdiff.config import RunConfig, diff_keys, from_dict
+from sdiff.errors import StopRequested
 from sdiff.images import to_uint8
 from sdiff.presets import build_model
+from sdiff.runlock import RunLock
 from sdiff.samplers import Guidance, get_sampler, x_predictor
+from sdiff.validation import FINITE, NON_NEGATIVE_INT, POSITIVE_INT, SEED, Range, check_fields
 
 if TYPE_CHECKING:
     from sdiff.uvit import TextCondition
 
-__all__ = ["SampleOptions", "generate", "load_trained"]
+__all__ = ["SampleOptions", "generate", "load_run_checkpoint", "load_trained"]
+
+
+SAMPLE_RULES: dict[str, Range] = {
+    "n": POSITIVE_INT,
+    "steps": POSITIVE_INT,
+    "guidance": Range(ge=0),  # w >= 0, as in the paper (w = 0: no guidance)
+    "guidance_interval": FINITE,  # logSNR bounds; a wide finite one (-50, 50) means "all"
+    "labels": NON_NEGATIVE_INT,
+    "seed": SEED,
+    "batch_size": POSITIVE_INT,
+}
 
 
 @dataclass(frozen=True)
@@ -47,27 +67,63 @@ class SampleOptions:
     compile: bool = False  # torch.compile the denoiser (SDIFF_COMPILE=0 turns it off)
 
     def __post_init__(self) -> None:
-        if self.n < 1 or self.batch_size < 1 or self.steps < 1:
-            raise ValueError("n, batch_size and steps must be >= 1")
+        check_fields(self, "sampling", SAMPLE_RULES)
+        if self.guidance_interval is not None:
+            lo, hi = self.guidance_interval
+            if not lo < hi:
+                raise ValueError(f"the guidance interval needs lo < hi; got {lo}, {hi}")
         get_sampler(self.sampler)
 
 
-def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
-    path = Path(run_or_checkpoint)
-    if path.is_file():
-        return path
-    found = list_checkpoints(path / "checkpoints")
-    if not found:
-        raise ValueError(f"no checkpoint found in {path} (looked in {path / 'checkpoints'})")
-    return found[-1]
+BUSY_HINT = "to use a checkpoint of a run in progress, name its file with --checkpoint"
+
+
+def load_run_checkpoint(run_dir: str | Path) -> tuple[Path, dict]:
+    """The newest good checkpoint of a run folder and its state, refusing one that the folder's
+    ``config.json`` did not write (the caller holds the folder's lock)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(
+            f"no checkpoint found: {run_dir} is not a run folder (no config.json); to use a "
+            f"checkpoint file on its own, name it with --checkpoint"
+        )
+    try:
+        expected = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{config_path} is not valid JSON: {err}") from None
+
+    def written_here(path: Path, state: dict) -> None:
+        differs = diff_keys(expected, json.loads(state["config"]))
+        if differs:
+            raise ValueError(
+                f"checkpoint {path} was not written by {config_path}: they differ at "
+                f"{differs}; to use it anyway, name it with --checkpoint"
+            )
+
+    found = load_latest_good(run_dir / "checkpoints", accept=written_here)
+    if found is None:
+        raise ValueError(f"no checkpoint found in {run_dir} (looked in {run_dir / 'checkpoints'})")
+    return found
 
 
 def load_trained(
-    run_or_checkpoint: str | Path, *, ema: bool = True, device: str | torch.device = "cpu"
+    source: str | Path, *, ema: bool = True, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, RunConfig, int]:
-    """(model in eval mode, its run config, its step) from a run folder or a checkpoint file."""
-    path = resolve_checkpoint(run_or_checkpoint)
-    state = load_checkpoint(path)
+    """(model in eval mode, its run config, its step) from a run folder (its newest good
+    checkpoint, checked against the run's config) or a checkpoint file (used as it is)."""
+    source = Path(source)
+    if source.is_dir():
+        with RunLock(source, "sdiff sample", shared=True, hint=BUSY_HINT):
+            _, state = load_run_checkpoint(source)
+    else:
+        state = load_checkpoint(source)
+    return model_from_state(state, ema=ema, device=device)
+
+
+def model_from_state(
+    state: dict, *, ema: bool = True, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, RunConfig, int]:
     config = from_dict(RunConfig, json.loads(state["config"]))
     model = build_model(config.model)
     model.load_state_dict(state["ema" if ema else "model"])
@@ -76,12 +132,17 @@ def load_trained(
 
 @torch.no_grad()
 def generate(
-    model: nn.Module, config: RunConfig, options: SampleOptions, device: str | torch.device = "cpu"
+    model: nn.Module,
+    config: RunConfig,
+    options: SampleOptions,
+    device: str | torch.device = "cpu",
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """uint8 images (n, C, H, W) and their labels (or None for an unconditional model)."""
+    """uint8 images (n, C, H, W) and their labels (or None for an unconditional model).
+    ``should_stop``, checked between batches, ends the sampling with ``StopRequested``."""
     m, o = config.model, options
     if config.text.enabled:
-        return _generate_text(model, config, options, device)
+        return _generate_text(model, config, options, device, should_stop)
     k = m.num_classes
     if o.labels is not None and not k:
         raise ValueError("labels were given but the model is unconditional")
@@ -93,11 +154,13 @@ def generate(
         cond = labels[start : start + b].to(device) if labels is not None else None
         return cond, (torch.full_like(cond, k) if o.guidance else None)
 
-    return _sample(model, config, o, device, conditions), labels
+    return _sample(model, config, o, device, conditions, should_stop), labels
 
 
 @torch.no_grad()
-def _generate_text(model, config: RunConfig, o: SampleOptions, device) -> tuple[Tensor, Tensor]:
+def _generate_text(
+    model, config: RunConfig, o: SampleOptions, device, should_stop
+) -> tuple[Tensor, Tensor]:
     """Text-conditioned sampling: the classes' first captions (labels pick the classes), the
     empty caption as the unconditional condition for guidance."""
     from sdiff.data import build_dataset
@@ -113,7 +176,7 @@ def _generate_text(model, config: RunConfig, o: SampleOptions, device) -> tuple[
         empty = table.condition(ids, all_padding) if o.guidance else None
         return table.condition(ids), empty
 
-    return _sample(model, config, o, device, conditions), labels
+    return _sample(model, config, o, device, conditions, should_stop), labels
 
 
 def _cycle_labels(o: SampleOptions, k: int) -> Tensor:
@@ -124,7 +187,7 @@ def _cycle_labels(o: SampleOptions, k: int) -> Tensor:
     return pool.repeat(math.ceil(o.n / len(pool)))[: o.n]
 
 
-def _sample(model, config: RunConfig, o: SampleOptions, device, conditions) -> Tensor:
+def _sample(model, config: RunConfig, o: SampleOptions, device, conditions, should_stop) -> Tensor:
     """``o.n`` uint8 images drawn in batches of ``o.batch_size``; ``conditions(start, b)``
     gives a batch's condition and, with guidance, its unconditional counterpart."""
     m = config.model
@@ -134,6 +197,8 @@ def _sample(model, config: RunConfig, o: SampleOptions, device, conditions) -> T
     lo, hi = o.guidance_interval or (-math.inf, math.inf)
     out = []
     for start in range(0, o.n, o.batch_size):
+        if should_stop is not None and should_stop():
+            raise StopRequested(f"sampling stopped on request after {start} of {o.n} images")
         b = min(o.batch_size, o.n - start)
         noise = torch.randn(
             b, m.in_channels, m.resolution, m.resolution, device=device, generator=gen

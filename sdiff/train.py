@@ -18,7 +18,17 @@ written again by the resumed run.
 
 A non-finite gradient norm (which any non-finite loss produces) stops the run with an error
 naming the step, before the optimizer touches the weights and without writing a checkpoint, so
-the last good one is what remains.
+the last good one is what remains. A finite gradient can still make non-finite weights (a huge
+learning rate): before every checkpoint the weights, EMA and optimizer state are checked, and a
+non-finite one stops the run without writing it. So every checkpoint a run writes is all
+finite, and a resume takes the newest good one (``checkpoint.load_latest_good``), skipping a
+damaged newer one with a warning.
+
+One process owns a run folder at a time (``sdiff.runlock``): a Trainer takes the folder's lock
+when it is built and gives it back when ``run`` ends (or on ``close``); another trainer, an
+evaluation or a sampler of the same folder is refused meanwhile. ``run(should_stop=...)`` ends
+the run cooperatively at the next step boundary, before that step writes anything (an ablation
+runner that lost its claim on a cell).
 """
 
 from __future__ import annotations
@@ -31,7 +41,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,13 +52,17 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sdiff import __version__
-from sdiff.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from sdiff.checkpoint import list_checkpoints, load_latest_good, save_checkpoint
 from sdiff.compile import maybe_compile
 from sdiff.config import RunConfig, config_hash, diff_keys, from_dict, to_dict, to_json
 from sdiff.data import build_dataset
+from sdiff.devices import resolve_device
 from sdiff.diffusion import diffusion_loss
+from sdiff.errors import StopRequested
+from sdiff.files import append_csv_row, atomic_write_text, write_csv
 from sdiff.images import save_grid
 from sdiff.presets import build_model
+from sdiff.runlock import RunLock
 from sdiff.samplers import get_sampler, x_predictor
 
 __all__ = ["TrainResult", "Trainer", "index_batches", "train"]
@@ -153,7 +168,20 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress
-        self.dist, self.device = setup_distributed(torch.device(device) if device else None)
+        self.dist, self.device = setup_distributed(resolve_device(device) if device else None)
+        # the main process owns the folder (it alone writes there); released when run() ends
+        self._lock = RunLock(self.run_dir, "sdiff train") if self.dist.main else None
+        if self._lock is not None:
+            self._lock.acquire()
+            weakref.finalize(self, self._lock.release)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        config = self.config
         t = config.train
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -225,37 +253,55 @@ class Trainer:
         cfg_path = self.run_dir / "config.json"
         new = to_dict(self.config)
         if cfg_path.exists():
-            old = json.loads(cfg_path.read_text())
+            try:
+                old = json.loads(cfg_path.read_text())
+            except ValueError as err:
+                raise ValueError(f"{cfg_path} is not valid JSON: {err}") from None
             if old != new:
                 diff = diff_keys(old, new)
                 raise ValueError(
                     f"{self.run_dir} holds a run with a different config (differs at {diff}); "
                     f"use a new --out folder or the same config to resume"
                 )
-        checkpoints = list_checkpoints(self.run_dir / "checkpoints")
-        if checkpoints:
-            self._restore(checkpoints[-1])
+
+        def same_config(path: Path, state: dict[str, Any]) -> None:
+            if state.get("config_hash") != config_hash(self.config):
+                raise ValueError(f"checkpoint {path} was written by a different config")
+
+        found = load_latest_good(self.run_dir / "checkpoints", accept=same_config)
+        if found is not None:
+            self._restore(*found)
         if self.dist.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self.run_dir.is_dir():
+                self.run_dir.mkdir(parents=True)
             if not cfg_path.exists():
-                _atomic_write(cfg_path, to_json(self.config) + "\n")
+                atomic_write_text(cfg_path, to_json(self.config) + "\n")
             self._truncate_metrics()
         if dist.is_initialized():
             dist.barrier()
 
     def _truncate_metrics(self) -> None:
-        """Drop rows logged after the checkpoint this run resumes from (they are redone)."""
+        """Drop rows logged after the checkpoint this run resumes from (they are redone); a
+        file with none to drop is left alone (a finished run may sit in a read-only folder)."""
         path = self.run_dir / "metrics.csv"
         if not path.exists():
             return
         with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, METRIC_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+            rows = list(csv.DictReader(f))
+        keep = [r for r in rows if int(r["step"]) <= self.step]
+        if len(keep) < len(rows):
+            write_csv(path, METRIC_FIELDS, keep)
+
+    def close(self) -> None:
+        """Give the run folder back (``run`` does so when it ends; idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -302,10 +348,7 @@ class Trainer:
         dist.all_gather_object(states, state)
         return states
 
-    def _restore(self, path: Path) -> None:
-        state = load_checkpoint(path, map_location="cpu")
-        if state.get("config_hash") != config_hash(self.config):
-            raise ValueError(f"checkpoint {path} was written by a different config")
+    def _restore(self, path: Path, state: dict[str, Any]) -> None:
         if self.config.train.distributed == "fsdp" and self.dist.world > 1:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -337,6 +380,7 @@ class Trainer:
         self.last_checkpoint = path
 
     def save(self) -> Path:
+        self._check_finite()
         state = self.state_dict()
         path = None
         if self.dist.main:
@@ -347,6 +391,33 @@ class Trainer:
             dist.barrier()
         self.last_checkpoint = path or self.last_checkpoint
         return path
+
+    def _check_finite(self) -> None:
+        """Weights, EMA and optimizer state all finite on every process, or a
+        FloatingPointError before the checkpoint is written: a finite gradient with a huge
+        step can still overflow the weights, and "last good checkpoint" must mean it."""
+
+        def local(t: Tensor) -> Tensor:  # FSDP: each process checks its own shards
+            return t.to_local() if hasattr(t, "to_local") else t
+
+        named = [(f"model.{n}", p) for n, p in self.model.named_parameters()]
+        named += [(f"ema.{n}", p) for n, p in self.ema.named_parameters()]
+        for i, group in enumerate(self.opt.state.values()):
+            named += [(f"optimizer.{i}.{k}", v) for k, v in group.items()
+                      if isinstance(v, Tensor) and v.is_floating_point()]  # fmt: skip
+        with torch.no_grad():
+            flags = torch.stack([torch.isfinite(local(t)).all() for _, t in named])
+            bad = (~flags).sum().reshape(1).float()
+            if dist.is_initialized():
+                dist.all_reduce(bad)
+        if bad.item():
+            mine = [name for (name, _), ok in zip(named, flags.tolist(), strict=True) if not ok]
+            example = f", e.g. {mine[0]}" if mine else ""
+            raise FloatingPointError(
+                f"non-finite parameters after step {self.step} ({int(bad.item())} tensor(s)"
+                f"{example}); its checkpoint was not written; last good checkpoint: "
+                f"{self.last_checkpoint or 'none yet'}"
+            )
 
     # -- one step --------------------------------------------------------------------------
     def lr_at(self, images: int) -> float:
@@ -425,8 +496,27 @@ class Trainer:
     def _every(self, images: int) -> int:
         return max(1, images // self.config.train.batch_size)
 
-    def run(self, max_steps: int | None = None) -> TrainResult:
-        """Train to ``total_images`` (or ``max_steps`` more steps: a stop, as if killed)."""
+    def run(
+        self, max_steps: int | None = None, should_stop: Callable[[], bool] | None = None
+    ) -> TrainResult:
+        """Train to ``total_images`` (or ``max_steps`` more steps: a stop, as if killed). With
+        ``should_stop``, checked after every step before it writes anything, a True ends the
+        run with ``StopRequested``. The run folder is given back when this returns or raises."""
+        if self._lock is not None and not self._lock.held:  # a second run() of this Trainer
+            self._lock.acquire()
+            newest = list_checkpoints(self.run_dir / "checkpoints")
+            if (newest[-1] if newest else None) != self.last_checkpoint:
+                self.close()
+                raise ValueError(
+                    f"{self.run_dir} changed since this Trainer was built (newest checkpoint "
+                    f"{newest[-1] if newest else 'none'}); build a new one to resume from it"
+                )
+        try:
+            return self._run(max_steps, should_stop)
+        finally:
+            self.close()
+
+    def _run(self, max_steps: int | None, should_stop: Callable[[], bool] | None) -> TrainResult:
         t = self.config.train
         total = self.total_steps()
         start = self.step
@@ -461,6 +551,8 @@ class Trainer:
             x, y = next(data)
             x, y = self.prepare_batch(x, y)
             loss, norm = self.train_step(x, y)
+            if should_stop is not None and should_stop():
+                raise StopRequested(f"{self.run_dir}: stopped on request after step {self.step}")
             self.window[0] += float(loss)
             self.window[1] += float(norm)
             self.window[2] += 1
@@ -505,13 +597,7 @@ class Trainer:
     def _log(self, row: dict, writer) -> None:
         if not self.dist.main:
             return
-        path = self.run_dir / "metrics.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, METRIC_FIELDS)
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        append_csv_row(self.run_dir / "metrics.csv", METRIC_FIELDS, row)
         if writer is not None:
             for key in ("loss", "grad_norm", "lr", "img_per_s"):
                 writer.add_scalar(f"train/{key}", row[key], row["images"])
@@ -555,12 +641,6 @@ class Trainer:
             return None
         path = path or self.run_dir / "samples" / f"grid-{self.step * t.batch_size:012d}.png"
         return save_grid(x.float(), path, nrow=math.ceil(math.sqrt(n)))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:

@@ -320,7 +320,7 @@ def test_full_disk_on_finish_is_reported_and_loses_nothing(
 
         monkeypatch.setattr(store_mod._Connection, "execute", execute)
     capsys.readouterr()
-    assert ablate_main(argv, tables=FAKE_TABLES) == 1
+    assert ablate_main(argv, tables=FAKE_TABLES) == 4  # sdiff.errors.EXIT_IO: a full disk
     err = capsys.readouterr().err
     assert f"results store {out / 'results.sqlite'}: recording the result failed" in err
     assert "disk is full" in err and "results recorded earlier are intact" in err
@@ -451,9 +451,9 @@ def trainer_starts(monkeypatch):
     starts = []
     real_run = Trainer.run
 
-    def recording_run(self, max_steps=None):
+    def recording_run(self, *args, **kwargs):
         starts.append(self.step)
-        return real_run(self, max_steps)
+        return real_run(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "run", recording_run)
     return starts

@@ -32,6 +32,7 @@ from sdiff.data import DATA_RULES, DataConfig
 from sdiff.diffusion import DIFFUSION_RULES, DiffusionConfig
 from sdiff.evaluate import EVAL_RULES, EvalConfig
 from sdiff.presets import get_preset
+from sdiff.sample import SAMPLE_RULES, SampleOptions
 from sdiff.schedules import SCHEDULE_RULES, ScheduleConfig
 from sdiff.text import TEXT_RULES, TextConfig
 from sdiff.unet import UNET_RULES, UNetConfig
@@ -169,6 +170,7 @@ TABLES: dict[type, tuple[dict[str, Range], str, Any]] = {
     UViTConfig: (UVIT_RULES, "model", get_preset("uvit-tiny-32")),
     EvalConfig: (EVAL_RULES, "EvalConfig", EvalConfig()),
     EvalSpec: (EVAL_SPEC_RULES, "eval", EvalSpec()),
+    SampleOptions: (SAMPLE_RULES, "sampling", SampleOptions()),
 }
 
 
@@ -185,7 +187,7 @@ def test_every_config_dataclass_has_a_table():
     reachable = _reachable_dataclasses(RunConfig)
     assert {UNetConfig, UViTConfig, ScheduleConfig} <= reachable  # both model kinds, nesting
     assert _numeric_fields(RunConfig) == {}
-    assert reachable - {RunConfig} | {EvalConfig, EvalSpec} == set(TABLES)
+    assert reachable - {RunConfig} | {EvalConfig, EvalSpec, SampleOptions} == set(TABLES)
 
 
 @pytest.mark.parametrize("cls", list(TABLES), ids=lambda c: c.__name__)

@@ -245,6 +245,7 @@ def _parallel_worker(rank, world, port, mode, run_dir, out):
         trainer.train_step(x, y, t=t, noise=noise)
     state = trainer.state_dict()  # full (gathered) weights, also under FSDP
     trainer.save()
+    trainer.close()  # one Trainer owns a run folder at a time
     resumed = Trainer(cfg, run_dir, progress=False).state_dict()  # restores the checkpoint
     if rank == 0:
         torch.save({"trained": state["model"], "resumed": resumed["model"]}, out)

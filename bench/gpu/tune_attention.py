@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sdiff.cli_args import ExtendList
 from sdiff.kernels import attention as ka
 
 SHAPES = {"short": (256, 64), "long": (4096, 4)}  # regime -> (seq_len, batch)
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="winners, JSON")
     p.add_argument("--csv", required=True, help="every timing")
     p.add_argument("--time-budget", type=float, default=180.0, help="seconds; then stop")
-    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--head-dims", type=int, nargs="+", action=ExtendList, default=[64, 128])
     args = p.parse_args(argv)
     start = time.time()
     dev = os.environ.get("TUNE_DEVICE", "cuda")
