@@ -59,6 +59,7 @@ from sdiff.ablations.store import (
     cell_dir as grid_cell_dir,
 )
 from sdiff.errors import RunFolderBusy, StopRequested
+from sdiff.files import atomic_write_text
 from sdiff.runlock import RunLock
 
 __all__ = ["EXECUTORS", "GridJob", "TorchrunExecute", "run_claimed", "work_loop"]
@@ -221,9 +222,7 @@ def _write_cell_json(run_dir: Path, cell: Cell) -> None:
         "kind": cell.kind,
         "spec": cell.spec,
     }
-    tmp = run_dir / "cell.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, run_dir / "cell.json")
+    atomic_write_text(run_dir / "cell.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 Execute = Callable[..., dict[str, Any]]
@@ -513,9 +512,7 @@ class TorchrunExecute:
 
         config_path = run_dir / "config.json"  # what the trainer writes and checks on resume
         if not config_path.exists():
-            tmp = run_dir / "config.json.tmp"
-            tmp.write_text(to_json(cell.config) + "\n")
-            os.replace(tmp, config_path)
+            atomic_write_text(config_path, to_json(cell.config) + "\n")
         log_path = run_dir / "torchrun.log"
         start = time.perf_counter()
         with open(log_path, "a") as out:

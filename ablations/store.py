@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from sdiff.errors import EXIT_BUSY, EXIT_IO, EXIT_USAGE, is_disk_full
+from sdiff.runlock import pid_alive
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -137,20 +138,6 @@ def retire_owner(owner: str) -> None:
     _LIVE_TOKENS.discard(owner.rsplit(":", 1)[-1])
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, someone else's
-        return True
-    try:  # a killed child that nobody has reaped yet is a zombie: dead for our purposes
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def owner_alive(
     owner: str | None,
     heartbeat: float | None,
@@ -167,7 +154,7 @@ def owner_alive(
         return age <= stale_after_s  # another machine: only its heartbeat tells
     if int(pid_text) == os.getpid():
         return token in _LIVE_TOKENS and age <= live_grace_s
-    return _pid_alive(int(pid_text)) and age <= live_grace_s
+    return pid_alive(int(pid_text)) and age <= live_grace_s
 
 
 def owner_state(owner: str | None, heartbeat: float | None) -> str:

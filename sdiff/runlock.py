@@ -41,7 +41,7 @@ from typing import Any
 
 from sdiff.errors import RunFolderBusy
 
-__all__ = ["LOCK_NAME", "RunLock"]
+__all__ = ["LOCK_NAME", "RunLock", "pid_alive"]
 
 LOCK_NAME = "run.lock"
 _HOST = socket.gethostname()
@@ -61,7 +61,8 @@ _HELD: dict[str, _Held] = {}  # realpath of a lock file -> this process's hold o
 _TABLE = threading.Lock()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (a zombie does not count)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -204,7 +205,7 @@ def _record_alive(record: dict[str, Any]) -> bool:
     pid = record.get("pid")
     if record.get("host") != _HOST or not isinstance(pid, int):
         return True
-    return _pid_alive(pid)
+    return pid_alive(pid)
 
 
 def _read_record(fd: int) -> dict[str, Any] | None:

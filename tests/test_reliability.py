@@ -472,6 +472,19 @@ from conftest import fill_disk
 """
 
 
+def trainer_script(tmp_path: Path) -> str:
+    """SCRIPT_HEAD, with CONFIG written to tmp_path/cfg.json and loaded as ``cfg`` (its
+    path in ``cfg_path``), and ``Trainer`` imported."""
+    (tmp_path / "cfg.json").write_text(to_json(CONFIG))
+    return SCRIPT_HEAD + (
+        "import json\n"
+        "from sdiff.config import RunConfig, from_dict\n"
+        "from sdiff.train import Trainer\n"
+        f"cfg_path = {str(tmp_path / 'cfg.json')!r}\n"
+        "cfg = from_dict(RunConfig, json.loads(Path(cfg_path).read_text()))\n"
+    )
+
+
 def test_a_read_only_output_folder_is_one_line(tmp_path, sandbox):
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -492,18 +505,11 @@ def test_a_read_only_output_folder_is_one_line(tmp_path, sandbox):
 
 def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_loses_nothing(tmp_path, sandbox):
     disk = tmp_path / "disk"
-    (tmp_path / "cfg.json").write_text(to_json(CONFIG))
     run = disk / "run"
-    script = SCRIPT_HEAD + (
-        "from sdiff.config import RunConfig, from_dict\n"
-        "from sdiff.train import Trainer\n"
-        "import json\n"
-        f"cfg = json.loads(Path({str(tmp_path / 'cfg.json')!r}).read_text())\n"
-        "cfg = from_dict(RunConfig, cfg)\n"
+    script = trainer_script(tmp_path) + (
         f"Trainer(cfg, {str(run)!r}, progress=False).run(max_steps=2)\n"  # metrics, no checkpoint
         f"fill_disk(Path({str(disk)!r}), leave=64 * 1024)\n"  # room for rows, not a checkpoint
-        f"rc = main(['train', '--config', {str(tmp_path / 'cfg.json')!r}, '--out', "
-        f"{str(run)!r}, '--no-progress'])\n"
+        f"rc = main(['train', '--config', cfg_path, '--out', {str(run)!r}, '--no-progress'])\n"
         f"print('left behind:', sorted(p.name for p in Path({str(run)!r}).rglob('*.tmp')))\n"
         f"print('rows:', Path({str(run / 'metrics.csv')!r}).read_text().count(chr(10)))\n"
         "sys.exit(rc)\n"
@@ -516,18 +522,12 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_loses_nothing(tm
 
 def test_a_full_disk_while_writing_metrics_is_one_line(tmp_path, sandbox):
     disk = tmp_path / "disk"
-    (tmp_path / "cfg.json").write_text(to_json(CONFIG))
     run = disk / "run"
-    script = SCRIPT_HEAD + (
-        "from sdiff.config import RunConfig, from_dict\n"
-        "from sdiff.train import Trainer\n"
-        "import json\n"
-        f"cfg = json.loads(Path({str(tmp_path / 'cfg.json')!r}).read_text())\n"
-        "cfg = from_dict(RunConfig, cfg)\n"
+    script = trainer_script(tmp_path) + (
         f"Trainer(cfg, {str(run)!r}, progress=False).close()\n"  # config.json, nothing else
         f"fill_disk(Path({str(disk)!r}))\n"
-        f"sys.exit(main(['train', '--config', {str(tmp_path / 'cfg.json')!r}, '--out', "
-        f"{str(run)!r}, '--no-progress']))\n"
+        f"sys.exit(main(['train', '--config', cfg_path, '--out', {str(run)!r}, "
+        "'--no-progress']))\n"
     )
     out = sandbox(script, full=[disk], tmpfs_kib=4096)
     assert out.returncode == EXIT_IO, out.stderr
