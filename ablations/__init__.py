@@ -1,8 +1,15 @@
-"""One module per table of the paper, and the runner (``sdiff ablate``).
+"""The paper's tables as ablation grids: one module per table of simple diffusion (arXiv
+2301.11093), the grid and its cells (``grid``, ``scales``), running one cell (``cell``), the
+results store (``store``), who runs the cells (``executors``) and the runner behind
+``sdiff ablate`` (``runner``).
 
 Installed as ``sdiff.ablations`` (the top-level ``ablations/`` folder is mapped into the package
 by pyproject.toml). ``TABLES`` maps table numbers to ``Table``s; ``get_table`` resolves a number
 or an alias ("2", "schedule", "table2").
+
+May import: the core library (``sdiff.diffusion``, ``sdiff.models``, ``sdiff.data``,
+``sdiff.training``, ``sdiff.eval``) and ``sdiff.util``; never ``sdiff.bench``, ``sdiff.report``
+or ``sdiff.cli``, which sit above it.
 
 | table | module | what |
 |---|---|---|

@@ -11,6 +11,7 @@ import csv
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,26 +42,14 @@ def evaluate_cell(
     start: float | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    """The evaluation half: FID/KID of the cell's trained run (whoever trained it), plus the
-    training summary and the model's size."""
-    from sdiff.evaluate import EvalConfig
-    from sdiff.flops import model_stats
-    from sdiff.run_eval import evaluate_run
-    from sdiff.sample import SampleOptions
+    """The evaluation half: the cell's ``EvalSpec`` on ``device`` for its trained run (whoever
+    trained it), plus the training summary and the model's size."""
+    from sdiff.eval.run_eval import evaluate_run
+    from sdiff.models.flops import model_stats
 
     start = time.perf_counter() if start is None else start
     run_dir = Path(run_dir)
-    e = cell.eval
-    options = SampleOptions(n=e.n, steps=e.steps, guidance=e.guidance, seed=0)
-    record = evaluate_run(
-        run_dir,
-        options,
-        EvalConfig(metrics=tuple(e.metrics), device=device),
-        reference="train",
-        reference_n=e.reference_n,
-        device=device,
-        should_stop=should_stop,
-    )
+    record = evaluate_run(run_dir, replace(cell.eval, device=device), should_stop=should_stop)
     stats = model_stats(cell.config.model)
     metrics: dict[str, Any] = {
         k: record[k]
@@ -95,7 +84,7 @@ def execute(
         metrics = dict(table.compute(cell.config))
         metrics["wall_s"] = time.perf_counter() - start
         return metrics
-    from sdiff.train import Trainer
+    from sdiff.training.trainer import Trainer
 
     trainer = Trainer(cell.config, run_dir, device=device, progress=progress)
     trainer.run(should_stop=should_stop)

@@ -18,17 +18,17 @@ A cell runs only while its claim holds. When the heartbeat finds the claim taken
 runner was stopped or stalled long enough for another to take the cell), the cell is stopped
 at its next step boundary (training step or sampling batch), before that step writes anything,
 and its outcome is "lost". A runner that takes a cell over waits, before it starts, until the
-cell folder's lock (``sdiff.runlock``) is free, that is until the previous owner has stopped
+cell folder's lock (``sdiff.util.runlock``) is free, that is until the previous owner has stopped
 or died: two runners never write into one cell folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pickle
-import platform
 import signal
 import subprocess
 import sys
@@ -37,11 +37,10 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sdiff import __version__
 from sdiff.ablations import cell as cell_mod
 from sdiff.ablations.grid import Cell, Table, expand
 from sdiff.ablations.store import (
@@ -58,9 +57,10 @@ from sdiff.ablations.store import (
 from sdiff.ablations.store import (
     cell_dir as grid_cell_dir,
 )
-from sdiff.errors import RunFolderBusy, StopRequested
-from sdiff.files import atomic_write_text
-from sdiff.runlock import RunLock
+from sdiff.util.errors import RunFolderBusy, StopRequested
+from sdiff.util.files import atomic_write_text
+from sdiff.util.provenance import device_label, git_sha, provenance
+from sdiff.util.runlock import RunLock
 
 __all__ = ["EXECUTORS", "GridJob", "TorchrunExecute", "run_claimed", "work_loop"]
 
@@ -85,7 +85,7 @@ class GridJob:
     live_grace_s: float = LIVE_GRACE_S
     poll_s: float = 1.0  # how often a waiting runner looks again
     journal: str = "wal"
-    git_sha: str | None = None
+    git_sha: str | None = field(default_factory=git_sha)  # the runner's, for every result row
 
     def resolve(self) -> tuple[Table, list[Cell]]:
         table = self.table
@@ -131,49 +131,26 @@ class GridJob:
             return replace(self, table=str(self.table.number))
 
 
-# -- what each result row records about where it ran ---------------------------------------------
-def versions() -> dict[str, str]:
-    import torch
-
-    return {
-        "sdiff": __version__,
-        "torch": str(torch.__version__),
-        "python": platform.python_version(),
-    }
+# -- what each result row records about where it ran (sdiff.util.provenance) ---------------------
+@functools.cache
+def versions() -> dict[str, str | None]:
+    """The versions of this process: sdiff, python, torch, CUDA, triton."""
+    p = provenance()
+    return {"sdiff": p.sdiff, "python": p.python, "torch": p.torch, "cuda": p.cuda,
+            "triton": p.triton}  # fmt: skip
 
 
 def describe_device(device: str | None) -> str:
+    """``cuda:0 (NVIDIA H200)`` or ``cpu (x86_64, 2 threads)``: the device a cell ran on."""
     import torch
 
-    from sdiff.devices import resolve_device
+    from sdiff.util.devices import resolve_device
 
     d = resolve_device(device)
     if d.type == "cuda" and torch.cuda.is_available():
         index = d.index if d.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    if d.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
-    return str(d)
-
-
-def git_sha() -> str | None:
-    """The checkout's commit (``+dirty`` with uncommitted changes), or None outside git."""
-    root = Path(cell_mod.__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        if sha.returncode:
-            return None
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "diff", "--quiet", "HEAD"], capture_output=True, timeout=30
-        ).returncode
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return sha.stdout.strip() + ("+dirty" if dirty else "")
+        return f"cuda:{index} ({device_label(torch.device('cuda', index))})"
+    return device_label(d) if d.type == "cpu" else str(d)
 
 
 # -- one claimed cell ----------------------------------------------------------------------------
@@ -463,7 +440,7 @@ def evaluate_trained(
 ) -> dict:
     """``cell.execute``'s evaluation, for a run trained by other processes (a checkpoint
     written by N processes cannot be resumed by a one-process Trainer)."""
-    from sdiff.devices import resolve_device
+    from sdiff.util.devices import resolve_device
 
     device = str(resolve_device(device))
     start = time.perf_counter() - train_s
@@ -508,7 +485,7 @@ class TorchrunExecute:
         if cell.kind == "compute":
             return cell_mod.execute(cell, table, run_dir, progress=progress, device=device,
                                     should_stop=should_stop)  # fmt: skip
-        from sdiff.config import to_json
+        from sdiff.training.config import to_json
 
         config_path = run_dir / "config.json"  # what the trainer writes and checks on resume
         if not config_path.exists():

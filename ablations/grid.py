@@ -1,11 +1,12 @@
 """A paper table as a grid of config overrides, and its expansion into cells.
 
 A ``Table`` names its rows and columns; each is a list of ``--set``-style overrides
-(``sdiff.config.apply_overrides``) applied to the scale preset's base config, columns first,
-then rows. A ``Scale`` (``smoke``, ``gpu``, ``paper``) gives the base config, the rows and
+(``sdiff.training.config.apply_overrides``) applied to the scale preset's base config, columns
+first, then rows. A ``Scale`` (``smoke``, ``gpu``, ``paper``) gives the base config, the rows and
 columns run at that scale, and how cells are evaluated. Expanding a table at a scale gives
 ``Cell``s; a cell is identified by the hash of its ``spec``: the resolved run config, the
-evaluation settings and the kind of work (train+evaluate, or a computation such as Table 1's).
+evaluation settings (``eval_identity``: the fields of its ``sdiff.eval.spec.EvalSpec`` that
+decide the numbers) and the kind of work (train+evaluate, or a computation such as Table 1's).
 Same spec, same hash; any change of config or evaluation, a new hash, so a results store can
 tell finished work from work still to do.
 """
@@ -15,13 +16,23 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-from sdiff.config import RunConfig, apply_overrides, to_dict
-from sdiff.validation import POSITIVE_INT, Range, check_fields
+from sdiff.eval.spec import EvalSpec
+from sdiff.training.config import RunConfig, apply_overrides, to_dict
 
-__all__ = ["Axis", "Cell", "EvalSpec", "Scale", "Table", "cell_hash", "expand"]
+__all__ = [
+    "DEFAULT_EVAL",
+    "Axis",
+    "Cell",
+    "EvalSpec",
+    "Scale",
+    "Table",
+    "cell_hash",
+    "eval_identity",
+    "expand",
+]
 
 SCALES = ("smoke", "gpu", "paper")
 
@@ -39,29 +50,20 @@ class Axis:
         return self.label or self.name
 
 
-# Every numeric field of EvalSpec.
-EVAL_SPEC_RULES: dict[str, Range] = {
-    "n": POSITIVE_INT,
-    "reference_n": POSITIVE_INT,
-    "steps": POSITIVE_INT,
-    # w = 0 is the conditional model; the paper's weights are >= 0, and a negative w mixes in
-    # the unconditional model instead of pushing samples away from it
-    "guidance": Range(ge=0),
-}
+# A scale's evaluation unless it names one: 300 samples against 600 training images, 32 steps.
+DEFAULT_EVAL = EvalSpec(n=300, reference_n=600, steps=32, metrics=("fid", "kid"))
+
+# The evaluation fields every cell's hash holds. Any other field of the spec that decides the
+# numbers enters the hash only when it is set away from its default, so that adding such a
+# field (with a default) leaves the cells of existing results stores with their hashes.
+ALWAYS_HASHED = ("n", "reference_n", "steps", "guidance", "metrics")
 
 
-@dataclass(frozen=True)
-class EvalSpec:
-    """How a trained cell is measured (part of the cell's hash)."""
-
-    n: int = 300  # generated samples
-    reference_n: int | None = 600  # training images as the reference (None: all)
-    steps: int = 32  # DDPM steps
-    guidance: float = 0.0  # guidance weight w
-    metrics: tuple[str, ...] = ("fid", "kid")
-
-    def __post_init__(self) -> None:
-        check_fields(self, "eval", EVAL_SPEC_RULES)
+def eval_identity(spec: EvalSpec) -> dict[str, Any]:
+    """The part of a cell's spec that says how it is evaluated (see ``ALWAYS_HASHED``)."""
+    fields = spec.result_fields()
+    defaults = EvalSpec().result_fields()
+    return {k: v for k, v in fields.items() if k in ALWAYS_HASHED or v != defaults[k]}
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class Scale:
     base: Callable[[], RunConfig]
     rows: tuple[Axis, ...]
     columns: tuple[Axis, ...] = (Axis("all"),)
-    eval: EvalSpec = field(default_factory=EvalSpec)
+    eval: EvalSpec = DEFAULT_EVAL
     cost: str = ""  # expected cost, for the docstring and --list
     needs: tuple[str, ...] = ()  # overrides the user must give, e.g. ("data.root",)
 
@@ -112,7 +114,7 @@ class Cell:
         """What fully determines the cell's result, as plain JSON."""
         spec = {"kind": self.kind, "config": to_dict(self.config)}
         if self.kind == "train":
-            spec["eval"] = asdict(self.eval)
+            spec["eval"] = eval_identity(self.eval)
         return spec
 
     @property

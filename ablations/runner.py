@@ -19,19 +19,20 @@ gives each cell to one of them, and a result is recorded only by the runner that
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from sdiff.ablations.executors import EXECUTORS, GridJob, git_sha
+from sdiff.ablations.executors import EXECUTORS, GridJob
 from sdiff.ablations.grid import SCALES, Table, expand
 from sdiff.ablations.store import LIVE_GRACE_S, STALE_AFTER_S, STORE_NAME, ResultsStore
-from sdiff.cli_args import ExtendList
-from sdiff.errors import report_failure
+from sdiff.util.cli_args import ExtendList
+from sdiff.util.errors import report_failure
 
 __all__ = ["ablate_main", "dry_run", "format_results", "list_tables", "resolve_table", "run_grid"]
 
@@ -197,37 +198,17 @@ def run_grid(
     whose heartbeat (refreshed every ``heartbeat_s``) is older than ``stale_after_s`` counts as
     abandoned and is taken over; ``live_grace_s`` instead when its runner is a process of this
     host that still exists (``ablations.store``). A device this machine lacks is an error
-    before anything is written.
+    before anything is written. Every result row records the commit of the sdiff that ran it
+    (``sdiff.util.provenance.git_sha``).
     """
-    if executor not in EXECUTORS:
-        raise ValueError(f"unknown executor {executor!r}; choose one of {sorted(EXECUTORS)}")
-    if device is not None:
-        from sdiff.devices import resolve_device
-
-        resolve_device(device)
-    if stale_after_s <= 2 * heartbeat_s:
-        raise ValueError(
-            f"stale_after_s ({stale_after_s}) must exceed twice heartbeat_s ({heartbeat_s})"
-        )
+    _check_run_arguments(executor, device, heartbeat_s, stale_after_s)
     cells = expand(table, scale, rows=rows, overrides=overrides)
-    out = Path(out_dir)
-    journal = "delete" if executor == "slurm" else "wal"  # WAL needs one machine's shared memory
-    store = ResultsStore(
-        out / STORE_NAME, stale_after_s=stale_after_s, live_grace_s=live_grace_s, journal=journal
-    )
-    hashes = [c.hash for c in cells]
-    try:
-        new = store.add(cells)
-        counts, _ = _status_counts(store, hashes)
-    finally:
-        store.close()
-    log(_plan_text(table, scale, out, len(cells), new, counts, retry_failed))
     job = GridJob(
         table=table,
         scale=scale,
         rows=tuple(rows) if rows else None,
         overrides=tuple(overrides or ()),
-        out_dir=str(out),
+        out_dir=str(out_dir),
         retry_failed_before=time.time() if retry_failed else None,
         device=device,
         progress=progress,
@@ -235,42 +216,77 @@ def run_grid(
         stale_after_s=stale_after_s,
         live_grace_s=live_grace_s,
         poll_s=poll_s,
-        journal=journal,
-        git_sha=git_sha(),
+        journal="delete" if executor == "slurm" else "wal",  # WAL: one machine's shared memory
     )
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=len(cells),
-            desc=f"table {table.number} {scale}",
-            unit="cell",
-            initial=counts["done"] + (0 if retry_failed else counts["failed"]),
+    hashes = [c.hash for c in cells]
+    new, counts = _register(job, cells)
+    out = Path(out_dir)
+    log(_plan_text(table, scale, out, len(cells), new, counts, retry_failed))
+    initial = counts["done"] + (0 if retry_failed else counts["failed"])
+    with _progress_bar(job, hashes, f"table {table.number} {scale}", initial) as on_progress:
+        EXECUTORS[executor](
+            job, workers=workers, on_progress=on_progress, log=log, options=executor_options or {}
         )
-    watch = job.open_store() if bar is not None else None
+    with job.open_store() as store:
+        counts, result = _status_counts(store, hashes)
+    log(_summary_text(counts, out, retry_failed))
+    return result
+
+
+def _check_run_arguments(
+    executor: str, device: str | None, heartbeat_s: float, stale_after_s: float
+) -> None:
+    """Fail before the store is touched: an unknown executor, a device this machine lacks, a
+    staleness limit a live heartbeat could miss."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; choose one of {sorted(EXECUTORS)}")
+    if device is not None:
+        from sdiff.util.devices import resolve_device
+
+        resolve_device(device)
+    if stale_after_s <= 2 * heartbeat_s:
+        raise ValueError(
+            f"stale_after_s ({stale_after_s}) must exceed twice heartbeat_s ({heartbeat_s})"
+        )
+
+
+def _register(job: GridJob, cells: list) -> tuple[int, Counter]:
+    """Add the grid's cells to the store (existing rows untouched): how many were new, and the
+    cells' statuses."""
+    store = job.open_store()
+    try:
+        new = store.add(cells)
+        counts, _ = _status_counts(store, [c.hash for c in cells])
+    finally:
+        store.close()
+    return new, counts
+
+
+@contextlib.contextmanager
+def _progress_bar(
+    job: GridJob, hashes: list[str], desc: str, initial: int
+) -> Iterator[Callable[[], None]]:
+    """``on_progress`` for the executors: with ``job.progress``, a bar of the finished cells
+    (done or failed), read from the store on each call; without, a no-op."""
+    if not job.progress:
+        yield lambda: None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(hashes), desc=desc, unit="cell", initial=initial)
+    watch = job.open_store()
 
     def on_progress() -> None:
-        if bar is None:
-            return
         now, _ = _status_counts(watch, hashes)
         bar.n = now["done"] + now["failed"]
         bar.refresh()
 
     try:
-        EXECUTORS[executor](
-            job, workers=workers, on_progress=on_progress, log=log, options=executor_options or {}
-        )
+        yield on_progress
     finally:
-        if bar is not None:
-            on_progress()
-            bar.close()
-            watch.close()
-    with job.open_store() as store:
-        counts, result = _status_counts(store, hashes)
-    log(_summary_text(counts, out, retry_failed))
-    return result
+        on_progress()
+        bar.close()
+        watch.close()
 
 
 def _plan_text(
@@ -362,7 +378,7 @@ def ablate_main(
     debug: bool = False,
 ) -> int:
     """``sdiff ablate``. Exit 0: every cell done; 1: some failed; otherwise the code of the
-    failure (``sdiff.errors``: 2 a usage error such as an unknown table, row, preset or option;
+    failure (``sdiff.util.errors``: 2 a usage error such as an unknown table, row, preset or option;
     4 a store or folder that cannot be written, a full disk; 5 a device this machine lacks).
     ``tables``: a registry to use instead of ``sdiff.ablations.TABLES`` (tests); ``debug``:
     let the exception through, traceback and all."""

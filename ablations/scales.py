@@ -9,20 +9,20 @@
   own class-conditional image folder (``--set data.root=...``, e.g. ImageNet at 64 or 128 px), a
   35M-parameter U-ViT at 64 px (patch 2) down to a 16x16 transformer, 2M training images per
   cell, FID/KID of 10k samples against 10k training images.
-- ``paper``: the paper's settings (``sdiff.config.RUN_PRESETS``'s imagenet presets: U-ViT L and
+- ``paper``: the paper's settings (``training.config.RUN_PRESETS``'s imagenet presets: U-ViT L and
   the U-Nets, batch 2048 x 500K steps or batch 512 x 1.5M steps), 50k samples; weeks on many
   GPUs. Needs ``--set data.root=<ImageNet train folder>``.
 """
 
 from __future__ import annotations
 
-from sdiff.ablations.grid import EvalSpec
-from sdiff.config import RunConfig, TrainConfig, get_run_preset
-from sdiff.data import DataConfig
-from sdiff.diffusion import DiffusionConfig
-from sdiff.presets import get_preset
-from sdiff.schedules import ScheduleConfig
-from sdiff.uvit import UViTConfig
+from sdiff.data.datasets import DataConfig
+from sdiff.diffusion.process import DiffusionConfig
+from sdiff.diffusion.schedules import ScheduleConfig
+from sdiff.eval.spec import EvalSpec
+from sdiff.models.presets import get_preset
+from sdiff.models.uvit import UViTConfig
+from sdiff.training.config import RunConfig, TrainConfig, get_run_preset
 
 __all__ = [
     "GPU_EVAL",
@@ -34,9 +34,12 @@ __all__ = [
     "smoke_base",
 ]
 
-SMOKE_EVAL = EvalSpec(n=200, reference_n=500, steps=32, guidance=0.0)
-GPU_EVAL = EvalSpec(n=10_000, reference_n=10_000, steps=128, guidance=0.0)
-PAPER_EVAL = EvalSpec(n=50_000, reference_n=50_000, steps=512, guidance=0.0)  # PAPER.md: 512 steps
+# FID and KID of the EMA model, DDPM sampling (sdiff.eval.spec.EvalSpec's other defaults)
+FID_KID = ("fid", "kid")
+SMOKE_EVAL = EvalSpec(n=200, reference_n=500, steps=32, guidance=0.0, metrics=FID_KID)
+GPU_EVAL = EvalSpec(n=10_000, reference_n=10_000, steps=128, guidance=0.0, metrics=FID_KID)
+# 50k samples, as for the FIDs of simple diffusion (arXiv 2301.11093), Table 7
+PAPER_EVAL = EvalSpec(n=50_000, reference_n=50_000, steps=512, guidance=0.0, metrics=FID_KID)
 
 
 def smoke_base(total_images: int = 20_000) -> RunConfig:
@@ -105,9 +108,7 @@ def res_overrides(config_factory, resolution: int) -> tuple[str, ...]:
     base = config_factory()
     model = base.model
     out = [f"model.resolution={resolution}", f"data.resolution={resolution}"]
-    if isinstance(model, UViTConfig) and model.downsample == "patch":
-        inner = model.transformer_resolution * 2 ** len(model.channels)
-        if resolution % inner:
-            raise ValueError(f"{resolution} px does not fit this U-ViT's levels")
-        out.append(f"model.patch_size={resolution // inner}")
+    patch = model.patch_size_at(resolution)  # None unless a patching U-ViT; raises if unreachable
+    if patch is not None:
+        out.append(f"model.patch_size={patch}")
     return tuple(out)

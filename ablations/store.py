@@ -5,7 +5,8 @@
     owner = new_owner()                           # "host:pid:token"
     if store.claim(cell.hash, owner):             # atomic (BEGIN IMMEDIATE)
         ...                                       # store.heartbeat(cell.hash, owner) meanwhile
-        store.finish(cell.hash, owner, metrics, wall_s=..., device=..., versions=...)
+        store.finish(cell.hash, owner, metrics, wall_s=..., device=..., versions=...,
+                     git_sha=...)                 # sdiff.util.provenance.git_sha()
 
 Append-safe. Rows are only ever inserted (``INSERT OR IGNORE``: a cell already in the store is
 never touched by ``add``) and then moved through ``pending -> running -> done | failed``; every
@@ -23,7 +24,7 @@ older than ``live_grace_s`` (hours). An owner on another host is gone when its h
 older than ``stale_after_s``. ``heartbeat``, ``finish``, ``fail`` and ``release`` take effect
 only for the current owner, so a runner whose claim was taken over cannot overwrite the new
 owner's result; its heartbeat learns of the loss and its cell stops at the next step
-(``ablations.executors``), and the cell folder's own lock (``sdiff.runlock``) keeps the new
+(``ablations.executors``), and the cell folder's own lock (``sdiff.util.runlock``) keeps the new
 owner out of the folder until the old one has let go of it.
 
 The file carries a schema version in its ``meta`` table; a store written with another version
@@ -44,8 +45,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sdiff.errors import EXIT_BUSY, EXIT_IO, EXIT_USAGE, is_disk_full
-from sdiff.runlock import pid_alive
+from sdiff.util.errors import EXIT_BUSY, EXIT_IO, EXIT_USAGE, is_disk_full
+from sdiff.util.runlock import pid_alive
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -80,7 +81,7 @@ CREATE TABLE IF NOT EXISTS cells (
     column_name TEXT NOT NULL,
     kind TEXT NOT NULL,              -- "train" or "compute"
     spec TEXT NOT NULL,              -- Cell.spec as JSON: resolved config (+ eval settings)
-    config_hash TEXT NOT NULL,       -- sdiff.config.config_hash: the one checkpoints carry
+    config_hash TEXT NOT NULL,       -- sdiff.training.config.config_hash: the one checkpoints carry
     status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
     metrics TEXT,                    -- JSON object, when done
     wall_s REAL,                     -- seconds of the last attempt
@@ -89,8 +90,8 @@ CREATE TABLE IF NOT EXISTS cells (
     started_at REAL,
     finished_at REAL,
     device TEXT,
-    versions TEXT,                   -- JSON: sdiff, torch, python
-    git_sha TEXT,
+    versions TEXT,                   -- JSON: sdiff, python, torch, cuda, triton
+    git_sha TEXT,                    -- sdiff.util.provenance.git_sha() of the runner
     error TEXT,                      -- traceback of the last failed attempt
     owner TEXT,                      -- "host:pid:token" of the runner that claimed it last
     heartbeat REAL                   -- unix time, refreshed while running
@@ -116,7 +117,7 @@ class StoreError(RuntimeError):
 
     def __init__(self, message: str, exit_code: int = EXIT_IO) -> None:
         super().__init__(message)
-        self.exit_code = exit_code  # sdiff.errors: a file-system failure unless said otherwise
+        self.exit_code = exit_code  # sdiff.util.errors: a file-system failure unless said otherwise
 
 
 class OwnershipLost(StoreError):
@@ -342,7 +343,7 @@ class ResultsStore:
     # -- writes ---------------------------------------------------------------------------
     def add(self, cells: Iterable[Any]) -> int:
         """Insert ``pending`` rows for cells not in the store yet; returns how many were new."""
-        from sdiff.config import config_hash
+        from sdiff.training.config import config_hash
 
         now = time.time()
         rows = [

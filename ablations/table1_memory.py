@@ -2,26 +2,26 @@
 
     sdiff ablate 1 --preset smoke                       # seconds: computed, nothing trained
 
-The paper's point (PAPER.md, "Scale the network at 16x16"): at high resolution the feature maps
-dominate memory, at low resolution the kernels do, and 16x16 is where both are tractable, so
-that is where to add capacity. Computed exactly from each model config, per level of side s with
-C channels: one 3x3 convolution kernel C -> C in fp32 (9 C^2 x 4 bytes) and one feature map at
-batch 1024 in bf16 (1024 C s^2 x 2 bytes); the U-ViT's transformer level counts its
-(width x width) projection and its (1024, tokens, width) activations the same way.
+The paper's point (simple diffusion, arXiv 2301.11093, "Scaling the Architecture"): at high
+resolution the feature maps dominate memory, at low resolution the kernels do, and 16x16 is
+where both are tractable, so that is where to add capacity. Computed exactly from each model
+config, per level of side s with C channels: one 3x3 convolution kernel C -> C in fp32
+(9 C^2 x 4 bytes) and one feature map at batch 1024 in bf16 (1024 C s^2 x 2 bytes); the
+U-ViT's transformer level counts its (width x width) projection and its (1024, tokens, width)
+activations the same way.
 
 Rows: a U-Net at 512 px without input downsampling whose channels grow as in ADM-style U-Nets
 (128 at 512 up to 1024 at 16 and 8; the paper's channels are not known: illustrative), and
-U-ViT L at 512 (the preset). The paper's numbers are not known from our text. All scales are
+U-ViT L at 512 (the preset). The paper's numbers are not transcribed here. All scales are
 the same computation.
 """
 
 from __future__ import annotations
 
 from sdiff.ablations.grid import Axis, Scale, Table
-from sdiff.config import RunConfig
-from sdiff.data import DataConfig
-from sdiff.unet import UNetConfig
-from sdiff.uvit import UViTConfig
+from sdiff.data.datasets import DataConfig
+from sdiff.models.unet import UNetConfig
+from sdiff.training.config import RunConfig
 
 BATCH = 1024
 KERNEL_BYTES = 4  # fp32 weights
@@ -41,8 +41,8 @@ def level_memory(config) -> list[tuple[int, int, int]]:
     out = []
     for side, ch in zip(config.level_sides(), config.channels, strict=True):
         out.append((side, 9 * ch * ch * KERNEL_BYTES, BATCH * ch * side * side * FEATURE_BYTES))
-    if isinstance(config, UViTConfig):
-        s, w = config.transformer_resolution, config.width
+    if config.transformer_level is not None:  # (side, width) of a transformer stack
+        s, w = config.transformer_level
         out.append((s, w * w * KERNEL_BYTES, BATCH * s * s * w * FEATURE_BYTES))
     return out
 

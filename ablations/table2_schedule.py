@@ -2,9 +2,10 @@
 
     sdiff ablate 2 --preset smoke                        # 4 cells, 522 s measured on 2 cores
 
-The paper (PAPER.md): a schedule tuned at 64x64 is too easy at higher resolution, because
-pooling a noisy image multiplies its SNR; shifting logSNR by 2 log(64/d) fixes it (FID at 128
-and 256; the paper's numbers are not in our text).
+simple diffusion (arXiv 2301.11093), "Adjusting Noise Schedules": a schedule tuned at 64x64 is
+too easy at higher resolution, because pooling a noisy image multiplies its SNR; shifting
+logSNR by 2 log(64/d) fixes it (FID at 128 and 256; the paper's numbers are not transcribed
+here).
 
 Smoke: MNIST digits resized to 32 and 64 px (the 28 px strokes upscaled: the redundancy that
 makes high resolution easy to denoise), the cosine schedule vs the schedule shifted from base

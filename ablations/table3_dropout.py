@@ -2,8 +2,9 @@
 
     sdiff ablate 3 --preset smoke                        # 3 cells, 463 s measured on 2 cores
 
-The paper (PAPER.md): dropout helps only at the low resolutions; applied to the highest-
-resolution feature maps it hurts (ablation at 128 px; numbers not in our text). Rows: no
+simple diffusion (arXiv 2301.11093), "Dropout": dropout helps only at the low resolutions;
+applied to the highest-resolution feature maps it hurts (ablation at 128 px; numbers not
+transcribed here). Rows: no
 dropout, dropout (0.1) at the lowest resolution only, and dropout at every resolution of the
 model. Smoke: the digits U-ViT (conv level at 16x16, transformer at 8x8); gpu: the 64 px U-ViT
 (conv level at 32, transformer at 16); paper: U-Net 128 (levels 128, 64, 32, 16).

@@ -2,11 +2,12 @@
 
     sdiff ablate 4 --preset smoke                        # 3 cells, 554 s measured on 2 cores
 
-The paper (PAPER.md): capacity is cheapest at 16x16, where kernels and feature maps are both
-small (Table 1); it compares "2+3" down+up blocks there with 8 and 12 (numbers not in our
-text). For the U-ViTs the blocks at the lowest resolution are the transformer stack: smoke uses
-depths 2, 4 and 8 at 8x8 tokens; gpu depths 4, 8 and 12 at 16x16; paper: U-Net 128 with "2+3",
-8+8 and 12+12 blocks at 16x16 (the preset's other levels unchanged).
+simple diffusion (arXiv 2301.11093), "Scaling the Architecture": capacity is cheapest at
+16x16, where kernels and feature maps are both small (Table 1); it compares "2+3" down+up blocks
+there with 8 and 12 (numbers not transcribed here). For the U-ViTs the blocks at the lowest
+resolution are the transformer stack: smoke uses depths 2, 4 and 8 at 8x8 tokens; gpu depths 4,
+8 and 12 at 16x16; paper: U-Net 128 with "2+3", 8+8 and 12+12 blocks at 16x16 (the preset's
+other levels unchanged).
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
     sdiff ablate 5 --preset smoke                        # 3 cells, 602 s measured on 2 cores
 
-The paper (PAPER.md): at 512 px, reducing the image before the first high-resolution layer (a
-DWT, or a strided "patching" conv with a transposed conv at the end) trains much faster for a
-similar FID; patching was "slightly worse but similar" (numbers not in our text). Rows (all
+simple diffusion (arXiv 2301.11093), "Avoiding high resolution feature maps": at 512 px,
+reducing the image before the first high-resolution layer (a DWT, or a strided "patching" conv
+with a transposed conv at the end) trains much faster for a similar FID; patching was "slightly
+worse but similar" (numbers not transcribed here). Rows (all
 reach the same inner network): patching, a DWT, and no downsampling with extra conv levels at
 full resolution. Smoke: digits resized to 64 px (patch 4 / 2 Haar DWT levels / conv levels at
 64, 32, 16 before the 8x8 transformer); gpu: 128 px (patch 4 / 2 DWT levels / extra levels);

@@ -2,8 +2,9 @@
 
     sdiff ablate 6 --preset smoke                        # 2 cells, 264 s measured on 2 cores
 
-The paper (PAPER.md): a loss summed over average-pooled versions of the error (weights 1/s per
-level) helps at 512 px and slightly hurts at 256 (numbers not in our text). Smoke: digits
+simple diffusion (arXiv 2301.11093), "Multiscale training loss": a loss summed over
+average-pooled versions of the error (weights 1/s per level) helps at 512 px and slightly hurts
+at 256 (numbers not transcribed here). Smoke: digits
 resized to 64 px, levels 64, 32, 16 (multiscale base 16); gpu: 128 px, levels 128 ... 32;
 paper: U-ViT L at 256 and 512 with levels down to 32.
 """

@@ -2,11 +2,12 @@
 
     sdiff ablate 7 --preset smoke                        # 1 cell, 268 s measured on 2 cores
 
-The literature rows are PAPER.md's (FID train / FID eval and IS as cited); ours are whatever
+The literature rows (FID train / FID eval and IS) are as cited in simple diffusion (arXiv
+2301.11093), Table 7, and SiD2 (arXiv 2410.19324); ours are whatever
 scale was run, labelled with it, so smoke numbers on MNIST digits are never mistaken for
 ImageNet ones. Smoke: the demo's digits model (48k images), sampled with guidance w = 3 as in
 the demo. gpu: the 64 px U-ViT on your data, w = 1. paper: U-ViT L at 256 and 512 with guidance
-w = 1.0 (the paper's guidance weight for these rows is not in our text: a parameter).
+w = 1.0 (the paper's guidance weight for these rows is not transcribed here: a parameter).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from dataclasses import replace
 
 from sdiff.ablations.grid import Axis, Scale, Table
 from sdiff.ablations.scales import GPU_EVAL, PAPER_EVAL, SMOKE_EVAL, gpu_base, paper_base
-from sdiff.config import get_run_preset
+from sdiff.training.config import get_run_preset
 
-# (model, resolution): FID train, FID eval, IS (PAPER.md, Table 7); None where not cited
+# (model, resolution): FID train, FID eval, IS as cited in simple diffusion (arXiv 2301.11093),
+# Table 7, and SiD2 (arXiv 2410.19324); None where not cited
 LITERATURE = {
     ("simple diffusion U-Net", 128): (2.26, 2.88, 137.3),
     ("simple diffusion U-Net", 256): (3.76, 3.71, 171.6),
@@ -83,5 +85,6 @@ TABLE = Table(
         (name, str(res)): {"fid_train": t, "fid_eval": e, "isc": i}
         for (name, res), (t, e, i) in LITERATURE.items()
     },
-    notes="literature rows as cited in PAPER.md; ours labelled with their scale and data",
+    notes="literature rows as cited in simple diffusion (arXiv 2301.11093), Table 7, and SiD2 "
+    "(arXiv 2410.19324); ours labelled with their scale and data",
 )

@@ -9,7 +9,7 @@ cross-attending to them, caption dropout 0.1 for guidance; sampled from each cla
 caption with w = 3, FID/KID against training digits (not zero-shot: there is no held-out
 caption set at this scale). gpu: the same path on your class-labelled image folder with
 captions from its class names, through T5 embeddings you precomputed (``text.encoder=
-precomputed``, ``text.path=``; see ``sdiff.text.save_precomputed``) or a local T5 folder.
+precomputed``, ``text.path=``; see ``sdiff.models.text.save_precomputed``) or a local T5 folder.
 
 Not provided: the paper scale. COCO needs a caption per image (not per class) and a zero-shot
 evaluation on COCO's validation captions; sdiff's data path has captions per class only, so a
@@ -22,7 +22,7 @@ from dataclasses import replace
 
 from sdiff.ablations.grid import Axis, Scale, Table
 from sdiff.ablations.scales import GPU_EVAL, SMOKE_EVAL, gpu_base, smoke_base
-from sdiff.text import TextConfig
+from sdiff.models.text import TextConfig
 
 
 def _smoke():

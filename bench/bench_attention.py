@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sdiff.bench import git_sha
-from sdiff.cli_args import ExtendList
+from sdiff.util.cli_args import ExtendList
+from sdiff.util.provenance import git_sha
 
 SDPA = {
     "sdpa-flash": "FLASH_ATTENTION",

@@ -5,15 +5,13 @@
 
 The benchmarks are the working tree's ``bench/perf`` (pytest-benchmark); only the library under
 test differs between the sides. BASE is checked out with ``git worktree add --detach`` (removed
-afterwards) and each side's tree is assembled into its own folder the way pyproject.toml's
-package-dir maps it: ``sdiff/`` -> ``sdiff``, ``kernels/`` -> ``sdiff/kernels``, ``bench/`` ->
-``sdiff/bench`` (a tree without kernels/ or bench/ skips it). Each side's pytest runs under
-``python -S`` with ``PYTHONPATH=<side>:<site-packages>``: without site processing the
-editable install's import hook, which would otherwise hand out the working tree's
-``sdiff.kernels`` and ``sdiff.bench`` to both sides, is never installed; pytest runs from an
-empty folder with ``--import-mode=importlib``, so neither the current directory nor the
-repository root lands on ``sys.path``. A probe plugin records ``sdiff.__file__`` in each JSON
-and the run stops if a side imported any other tree.
+afterwards); each side's pytest runs with that checkout as its working directory, where
+``python`` finds the checkout's own ``sdiff/`` first and sdiff's import hook maps the
+checkout's ``kernels/``, ``bench/`` and ``ablations/`` into it (a source tree imports as
+installed: README, "Layout"). pytest runs with ``--import-mode=importlib`` so that no other
+folder lands on ``sys.path``, and a probe records the files of the ``sdiff`` modules each
+side imported: the run stops if one came from another tree (for instance a BASE older than
+the import hook, whose ``sdiff.kernels`` would come from the editable install).
 
 Noise: the sides alternate, base/head then head/base (ABBA), for ``--rounds`` rounds, all in
 this one job on one machine; a benchmark's figure is the median over rounds of the per-run
@@ -36,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -46,19 +43,28 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# tree folder -> place in the assembled package (pyproject.toml [tool.setuptools.package-dir])
-PACKAGE_DIR = {"sdiff": "sdiff", "kernels": "sdiff/kernels", "bench": "sdiff/bench"}
 FAILING = ("SLOWER", "FAILED")
-PROBE = "sdiff_compare_probe"
-PROBE_SOURCE = textwrap.dedent('''\
-    """Written by bench/compare.py: records which sdiff this pytest run imported."""
+# Run as ``python -c PROBE <pytest args>`` in a side's checkout: pytest with a plugin that
+# records the files of the sdiff modules the run imported.
+PROBE = textwrap.dedent("""\
+    import sys
+
+    import pytest
 
 
-    def pytest_benchmark_update_json(config, benchmarks, output_json):
-        import sdiff
+    class Probe:
+        def pytest_benchmark_update_json(self, config, benchmarks, output_json):
+            import sdiff
 
-        output_json["sdiff_file"] = sdiff.__file__
-    ''')
+            output_json["sdiff_file"] = sdiff.__file__
+            output_json["sdiff_modules"] = sorted(
+                {m.__file__ for n, m in list(sys.modules.items())
+                 if n.split(".")[0] == "sdiff" and getattr(m, "__file__", None)}
+            )
+
+
+    sys.exit(pytest.main(sys.argv[1:], plugins=[Probe()]))
+    """)
 
 
 class BadInput(Exception):
@@ -72,27 +78,6 @@ class Row:
     head: float | None
     ratio: float | None  # head / base
     verdict: str
-
-
-# -- assembling a side -------------------------------------------------------------------
-
-
-def _ignore(folder: str, names: list[str]) -> set[str]:
-    drop = {n for n in names if n in ("__pycache__", ".benchmarks") or n.endswith(".pyc")}
-    if Path(folder).name == "bench":
-        drop.add("asv")  # not installed (pyproject.toml), and holds asv's results
-    return drop
-
-
-def assemble(tree: Path, site: Path) -> Path:
-    """Copy ``tree``'s packages into ``site`` as an install would lay them out; -> site/sdiff."""
-    tree, site = Path(tree), Path(site)
-    if not (tree / "sdiff" / "__init__.py").is_file():
-        raise BadInput(f"{tree} has no sdiff/__init__.py: nothing to benchmark there")
-    for src, dest in PACKAGE_DIR.items():
-        if (tree / src).is_dir():
-            shutil.copytree(tree / src, site / dest, ignore=_ignore, dirs_exist_ok=True)
-    return site / "sdiff"
 
 
 # -- git -------------------------------------------------------------------------------
@@ -123,55 +108,40 @@ def resolve(repo: Path, rev: str) -> str:
 # -- running and reading pytest-benchmark ----------------------------------------------------
 
 
-def site_packages(python: str) -> list[str]:
-    """The interpreter's site-packages folders: what its pytest, torch and plugins need."""
-    code = (
-        "import json, sysconfig; p = sysconfig.get_paths(); "
-        "print(json.dumps([p['purelib'], p['platlib']]))"
-    )
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True)
-    if out.returncode:
-        raise BadInput(f"cannot run {python}: {out.stderr.strip()}")
-    return list(dict.fromkeys(json.loads(out.stdout)))
-
-
 def run_side(
-    *,
-    python: str,
-    site: Path,
-    libs: list[str],
-    perf_dir: Path,
-    out_json: Path,
-    select: str | None,
-    workdir: Path,
+    *, python: str, tree: Path, perf_dir: Path, out_json: Path, select: str | None
 ) -> None:
-    """One pytest-benchmark run of ``perf_dir`` importing sdiff from ``site`` only."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(workdir / "probe"), *libs]))
+    """One pytest-benchmark run of ``perf_dir`` importing sdiff from the checkout ``tree``."""
+    if not (tree / "sdiff" / "__init__.py").is_file():
+        raise BadInput(f"{tree} has no sdiff/__init__.py: nothing to benchmark there")
+    env = dict(os.environ)
     env.pop("PYTHONSTARTUP", None)
-    # importlib import mode leaves sys.path alone: the default (prepend) would put the repository
-    # root first, as bench/ is a package, and its sdiff/ would shadow the side's copy
-    cmd = [python, "-S", "-m", "pytest", str(perf_dir), "-q", "-p", "no:cacheprovider",
-           "--import-mode=importlib", "-p", PROBE, f"--benchmark-json={out_json}",
+    # `python -c` puts the working directory (the checkout) first on sys.path; the importlib
+    # import mode keeps pytest from adding the benchmarks' folders
+    cmd = [python, "-c", PROBE, str(perf_dir), "-q", "-p", "no:cacheprovider",
+           "--import-mode=importlib", f"--rootdir={perf_dir}", f"--benchmark-json={out_json}",
            "--benchmark-disable-gc", "--benchmark-sort=fullname"]  # fmt: skip
     if select:
         cmd += ["-k", select]
-    # cwd is an empty folder: `python -m` puts the cwd first on sys.path
-    proc = subprocess.run(cmd, cwd=workdir / "cwd", env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
     if proc.returncode == 5:
         raise BadInput(
             f"no benchmark selected in {perf_dir}" + (f" by -k {select!r}" * bool(select))
         )
     if proc.returncode not in (0, 1) or not out_json.is_file():
-        raise BadInput(f"pytest failed (exit {proc.returncode}) on {site}:\n{tail}")
+        raise BadInput(f"pytest failed (exit {proc.returncode}) in {tree}:\n{tail}")
     if proc.returncode == 1:
-        print(f"  some benchmarks failed with sdiff from {site}:\n{textwrap.indent(tail, '    ')}")
-    imported = json.loads(out_json.read_text()).get("sdiff_file")
-    if not imported or not Path(imported).resolve().is_relative_to(site.resolve()):
-        raise BadInput(
-            f"the run meant for {site} imported sdiff from {imported}: another tree leaked in "
-            f"(an editable install's hook, or sdiff/ in the working directory)"
-        )
+        print(f"  some benchmarks failed with sdiff from {tree}:\n{textwrap.indent(tail, '    ')}")
+    data = json.loads(out_json.read_text())
+    if not data.get("sdiff_file"):
+        raise BadInput(f"the run in {tree} recorded no sdiff import")
+    for imported in [data["sdiff_file"], *data.get("sdiff_modules", [])]:
+        if not Path(imported).resolve().is_relative_to(tree.resolve()):
+            raise BadInput(
+                f"the run meant for {tree} imported sdiff from {imported}: another tree leaked "
+                f"in (a conftest changing sys.path, or a revision older than sdiff's import hook)"
+            )
 
 
 def load_medians(path: Path) -> dict[str, float]:
@@ -269,7 +239,7 @@ def run_comparison(args: argparse.Namespace) -> int:
     repo = Path(git(Path(args.repo), "rev-parse", "--show-toplevel"))
     base_sha = resolve(repo, args.base)
     head_sha = resolve(repo, args.head) if args.head else None
-    perf_dir = Path(args.perf_dir) if args.perf_dir else repo / "bench" / "perf"
+    perf_dir = Path(args.perf_dir).resolve() if args.perf_dir else repo / "bench" / "perf"
     if not perf_dir.is_dir():
         raise BadInput(f"no benchmark folder {perf_dir}")
     if not 0 < args.threshold < 10 or args.rounds < 1:
@@ -278,47 +248,39 @@ def run_comparison(args: argparse.Namespace) -> int:
     dirty = bool(git(repo, "status", "--porcelain"))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else repo / "runs/bench/compare" / f"{stamp}-{base_sha[:9]}"
+    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    libs = site_packages(args.python)
 
     with tempfile.TemporaryDirectory(prefix="sdiff-compare-") as tmp:
-        work = Path(tmp)
-        (work / "cwd").mkdir()
-        (work / "probe").mkdir()
-        (work / "probe" / f"{PROBE}.py").write_text(PROBE_SOURCE)
-        worktrees = []
+        trees, worktrees = {}, []
         try:
-            trees = {}
             for side, sha in (("base", base_sha), ("head", head_sha)):
                 if sha is None:
                     trees[side] = repo  # the working tree, uncommitted changes included
                     continue
-                trees[side] = work / f"{side}-tree"
+                trees[side] = Path(tmp) / f"{side}-tree"
                 git(repo, "worktree", "add", "--detach", str(trees[side]), sha)
                 worktrees.append(trees[side])
-            sites = {side: work / f"{side}-site" for side in trees}
-            for side, tree in trees.items():
-                assemble(tree, sites[side])
+            head_label = (f"{args.head} ({head_sha[:9]})" if head_sha
+                          else f"working tree ({current[:9]}{'+dirty' * dirty})")  # fmt: skip
+            print(f"base {args.base} ({base_sha[:9]}) vs {head_label}: "
+                  f"{args.rounds} interleaved round(s), benchmarks from {perf_dir}")  # fmt: skip
+            runs: dict[str, list[dict[str, float]]] = {"base": [], "head": []}
+            for r in range(args.rounds):
+                for side in ("base", "head") if r % 2 == 0 else ("head", "base"):
+                    path = out / f"{side}-r{r}.json"
+                    start = time.perf_counter()
+                    run_side(python=args.python, tree=trees[side], perf_dir=perf_dir,
+                             out_json=path, select=args.select)  # fmt: skip
+                    runs[side].append(load_medians(path))
+                    print(f"  round {r + 1}/{args.rounds} {side}: "
+                          f"{time.perf_counter() - start:.1f} s")  # fmt: skip
         finally:
-            for tree in worktrees:  # the copies are made; the checkouts are no longer needed
+            for tree in worktrees:
                 subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)],
                                capture_output=True)  # fmt: skip
             if worktrees:
                 subprocess.run(["git", "-C", str(repo), "worktree", "prune"], capture_output=True)
-
-        head_label = (f"{args.head} ({head_sha[:9]})" if head_sha
-                      else f"working tree ({current[:9]}{'+dirty' * dirty})")  # fmt: skip
-        print(f"base {args.base} ({base_sha[:9]}) vs {head_label}: "
-              f"{args.rounds} interleaved round(s), benchmarks from {perf_dir}")  # fmt: skip
-        runs: dict[str, list[dict[str, float]]] = {"base": [], "head": []}
-        for r in range(args.rounds):
-            for side in ("base", "head") if r % 2 == 0 else ("head", "base"):
-                path = out / f"{side}-r{r}.json"
-                start = time.perf_counter()
-                run_side(python=args.python, site=sites[side], libs=libs, perf_dir=perf_dir,
-                         out_json=path, select=args.select, workdir=work)  # fmt: skip
-                runs[side].append(load_medians(path))
-                print(f"  round {r + 1}/{args.rounds} {side}: {time.perf_counter() - start:.1f} s")
 
     rows = compare(median_of_medians(runs["base"]), median_of_medians(runs["head"]), args.threshold)
     table = format_table(rows, args.threshold)

@@ -40,9 +40,9 @@ def current_figures(memory: bool = True) -> dict[str, float]:
 
     import torch
 
-    from sdiff.flops import example_inputs, model_stats
     from sdiff.kernels.attention import interpreting
-    from sdiff.presets import PRESETS, build_model, get_preset
+    from sdiff.models.flops import example_inputs, model_stats
+    from sdiff.models.presets import PRESETS, build_model, get_preset
 
     out: dict[str, float] = {}
     for name, cfg in PRESETS.items():

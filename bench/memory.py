@@ -36,15 +36,16 @@ emulates it with a ``TorchFunctionMode`` (``TrainingSemantics``):
 it, else the math path; dropout noise), which is what the RSS check below runs.
 
 Activation checkpointing (``checkpoint=True``: every conv level's ResBlocks and, for the U-ViT,
-every transformer block, each its own region, through ``sdiff.blocks.run_checkpointed``):
+every transformer block, each its own region, through ``sdiff.models.blocks.run_checkpointed``):
 PyTorch's non-reentrant checkpoint packs a region's internal saves with its own hook, which the
 outer hook does not see, but it saves the region's inputs with an ordinary ``save_for_backward``
 before the region runs, which the outer hook does see. So counting the checkpointed forward
 gives what is really kept: the regions' inputs and everything outside them (the inputs are
 attributed to the region they feed). Recomputation happens in backward, below.
 
-Peak model: three moments of a steady-state step (``Trainer.train_step``: forward and loss under
-autocast, then ``zero_grad(set_to_none=True)``, backward, clip, Adam, EMA):
+Peak model: three moments of a steady-state step (``sdiff.training.step.train_step``, the step
+the trainer runs: forward and loss under autocast, then ``zero_grad(set_to_none=True)``,
+backward, clip, Adam, EMA):
 1. end of the forward: the previous step's gradients are still allocated, so
        total = weights + gradients + optimizer + ema + activations;
 2. backward: gradients were freed and come back one by one while activations are released;
@@ -60,10 +61,12 @@ adds a gradient-sized temporary), DDP/FSDP buffers, the CUDA context (~0.5 GB ou
 allocator) and the caching allocator's fragmentation (reserved minus allocated): leave ~5-10% of
 the card free.
 
-Check (``measure_training_memory``): the trainer's own ``train_step``, its second call, so that
-gradients and Adam state exist as in steady state. CUDA: ``torch.cuda.max_memory_allocated`` over
-that step (and ``memory_allocated`` when the model's forward returns), optionally a snapshot for
-PyTorch's memory viewer. CPU (fp32): a fresh subprocess reads its resident set size: VmHWM, reset
+Check (``measure_training_memory``): the real training step, ``prepare_batch`` and
+``train_step`` of ``sdiff.training.step`` on a ``TrainState`` built as the trainer builds one
+(no dataset: a fixed random batch), its second call, so that gradients and Adam state exist
+as in steady state. CUDA: ``torch.cuda.max_memory_allocated`` over that step (and
+``memory_allocated`` when the model's forward returns), optionally a snapshot for PyTorch's
+memory viewer. CPU (fp32): a fresh subprocess reads its resident set size: VmHWM, reset
 through /proc/self/clear_refs before the step, against VmRSS after a throwaway warm-up step (torch
 and lazily imported libraries); glibc's mmap threshold is fixed at 64 KiB there, so freed tensors
 go back to the OS and RSS follows the live tensors. tests/test_memory.py holds the measured
@@ -83,7 +86,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -100,9 +102,10 @@ from sdiff.bench.memory_counting import (
     _check_dtype_device,
     _LiveBytes,
 )
-from sdiff.presets import PRESETS, ModelConfig, build_model, get_preset
-from sdiff.unet import UNetConfig
-from sdiff.uvit import TextCondition, UViTConfig
+from sdiff.models.presets import PRESETS, ModelConfig, build_model, get_preset
+from sdiff.models.registry import is_model_config
+from sdiff.models.unet import UNetConfig
+from sdiff.models.uvit import TextCondition
 
 __all__ = [
     "MemoryReport",
@@ -121,7 +124,7 @@ __all__ = [
 ]
 
 GiB = 2**30
-TEXT_TOKENS = 77  # caption length assumed for a text-conditioned U-ViT (as sdiff.flops)
+TEXT_TOKENS = 77  # caption length assumed for a text-conditioned U-ViT (as sdiff.models.flops)
 WEIGHT_COPIES = "weight copies (bf16)"
 
 
@@ -226,10 +229,7 @@ def model_units(model: nn.Module) -> list[tuple[nn.Module, str]]:
 def with_checkpointing(config: ModelConfig, on: bool) -> ModelConfig:
     """The config with activation checkpointing on for every conv level and (U-ViT) the
     transformer stack, or off everywhere."""
-    levels = tuple(range(len(config.channels))) if on else ()
-    if isinstance(config, UViTConfig):
-        return replace(config, checkpoint_levels=levels, checkpoint_transformer=on)
-    return replace(config, checkpoint_levels=levels)
+    return config.with_checkpointing(on)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def resolve_config(config: ModelConfig | str) -> tuple[str, ModelConfig]:
     """(name, config) from a preset name or a config (named after its preset if it is one)."""
     if isinstance(config, str):
         return config, get_preset(config)
-    if not isinstance(config, (UNetConfig, UViTConfig)):
+    if not is_model_config(config):
         raise ValueError(f"not a model config: {type(config).__name__}")
     for name, preset in PRESETS.items():
         if with_checkpointing(preset, False) == with_checkpointing(config, False):
@@ -272,7 +272,7 @@ class StepCount:
 
 def _loss(z: Tensor, pred: Tensor, logsnr: Tensor) -> Tensor:
     """The diffusion loss's autograd footprint: MSE in fp32 against a target, times a
-    per-example weight (sdiff.diffusion.diffusion_loss)."""
+    per-example weight (sdiff.diffusion.process.diffusion_loss)."""
     diff = torch.empty_like(z) - pred.float()  # target - prediction (B, C, H, W)
     return diff.square().flatten(1).mean(1).mul(logsnr.exp()).mean()
 
@@ -287,7 +287,7 @@ def simulate_step(model: nn.Module, batch: int, *, dtype: str, device: str) -> S
     z = torch.zeros(batch, c.in_channels, c.resolution, c.resolution, device=where)  # fp32
     logsnr = torch.zeros(batch, device=where)
     cond = torch.zeros(batch, dtype=torch.long, device=where) if c.num_classes else None
-    if isinstance(c, UViTConfig) and c.text_dim is not None:
+    if c.text_conditioned:
         text = torch.zeros(batch, TEXT_TOKENS, c.text_dim, device=where)
         cond = TextCondition(text, None, cond)
     params = list(model.parameters())
@@ -430,26 +430,24 @@ def largest_batch(
 # The measurement
 
 
-def _trainer(config: ModelConfig, batch: int, device: str, dtype: str, run_dir: str):
-    from sdiff.config import RunConfig, TrainConfig
-    from sdiff.data import DataConfig
-    from sdiff.train import Trainer
+def _training(config: ModelConfig, batch: int, device: str, dtype: str):
+    """(step, state, images, labels): a fresh ``TrainState`` for ``config`` (the benchmarks'
+    run config, ``sdiff.bench.throughput.run_config``, at this precision) on ``device``, a
+    fixed random batch there, and ``step()``, one training step as the trainer takes it
+    (``prepare_batch``, then ``train_step`` of ``sdiff.training.step``)."""
+    from sdiff.bench.throughput import random_batch, run_config
+    from sdiff.training.step import build_state, prepare_batch, train_step
 
-    if isinstance(config, UViTConfig) and config.text_dim is not None:
+    if config.text_conditioned:
         raise ValueError("measuring a text-conditioned U-ViT is not supported (no text data)")
-    if config.in_channels not in (1, 3):
-        raise ValueError(f"measuring needs 1 or 3 input channels; got {config.in_channels}")
-    data = DataConfig(name="mnist", resolution=config.resolution, channels=config.in_channels)
-    train = TrainConfig(batch_size=batch, precision=dtype, sample_every_images=0)
-    trainer = Trainer(
-        RunConfig(model=config, data=data, train=train), run_dir, device=device, progress=False
-    )
-    trainer.dataset = None  # train_step does not read it; keep its tensors out of the count
-    gen = torch.Generator().manual_seed(0)
-    c, r = config.in_channels, config.resolution
-    x = (torch.rand(batch, c, r, r, generator=gen) * 2 - 1).to(device)
-    y = torch.randint(0, max(config.num_classes, 1), (batch,), generator=gen).to(device)
-    return trainer, x, y if config.num_classes else None
+    run = run_config(config, batch, precision=dtype)
+    state = build_state(run, device)
+    x, y = random_batch(config, batch, device)
+
+    def step() -> None:
+        train_step(state, prepare_batch(state, x, y, run), run)
+
+    return step, state
 
 
 def _status_kib(field_name: str) -> int:
@@ -463,30 +461,26 @@ def _status_kib(field_name: str) -> int:
 def _cpu_child() -> None:
     """The CPU measurement, run in a fresh process (reads its job as JSON on stdin)."""
     job = json.load(sys.stdin)
-    from sdiff.config import from_dict
+    from sdiff.training.config import from_dict
 
     config = from_dict(ModelConfig, job["config"])
-    # the baseline holds what any training step loads on first use (the data library and its
-    # cached arrays, lazily imported modules such as sympy): a throwaway tiny step loads them
-    with tempfile.TemporaryDirectory() as run_dir:
-        tiny = UNetConfig(
-            resolution=32, channels=(8,), blocks_down=(1,), blocks_up=(1,), norm_groups=4
-        )
-        trainer, x, y = _trainer(tiny, 2, "cpu", "fp32", run_dir)
-        trainer.train_step(x, y)
-        del trainer, x, y
+    # the baseline holds what any training step loads on first use (lazily imported modules
+    # such as sympy): a throwaway tiny step loads them
+    tiny = UNetConfig(resolution=32, channels=(8,), blocks_down=(1,), blocks_up=(1,), norm_groups=4)
+    step, state = _training(tiny, 2, "cpu", "fp32")
+    step()
+    del step, state
     base = _status_kib("VmRSS") * 1024
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer, x, y = _trainer(config, job["batch"], "cpu", "fp32", run_dir)
-        trainer.train_step(x, y)  # step 1: creates gradients and Adam state
-        static = _status_kib("VmRSS") * 1024
-        mark = _mark_forward_end(trainer.model, lambda: _status_kib("VmRSS") * 1024)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        start = time.perf_counter()
-        trainer.train_step(x, y)  # step 2: the steady state
-        seconds = time.perf_counter() - start
-        peak = _status_kib("VmHWM") * 1024
+    step, state = _training(config, job["batch"], "cpu", "fp32")
+    step()  # step 1: creates gradients and Adam state
+    static = _status_kib("VmRSS") * 1024
+    mark = _mark_forward_end(state.model, lambda: _status_kib("VmRSS") * 1024)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    start = time.perf_counter()
+    step()  # step 2: the steady state
+    seconds = time.perf_counter() - start
+    peak = _status_kib("VmHWM") * 1024
     out = {
         "baseline": base,
         "static": static - base,
@@ -518,19 +512,20 @@ def measure_training_memory(
     snapshot: str | Path | None = None,
     timeout: float = 600,
 ) -> dict:
-    """Bytes of a real training step (the trainer's second ``train_step``), for comparison
+    """Bytes of a real training step (the second ``sdiff.training.step.train_step`` on a fresh
+    ``TrainState``), for comparison
     with ``estimate_training_memory``.
 
     CUDA: ``torch.cuda.max_memory_allocated`` over the step; ``snapshot`` writes a memory
     snapshot of it for https://pytorch.org/memory_viz. CPU (fp32 only): the resident set size
     of a fresh subprocess (VmHWM over the step). Keys, in bytes over the baseline (what was
-    allocated before the trainer: CUDA; torch and the libraries a step loads: CPU): static
+    allocated before the state was built: CUDA; torch and the libraries a step loads: CPU): static
     (weights, gradients, Adam, EMA, the batch: before the step), forward_end (when the model's
     forward returns), peak; plus method, device, step_s, versions, git SHA and date.
     ``compare`` pairs them with an estimate."""
     name, config = resolve_config(config)
     _check_batch(batch)
-    from sdiff.devices import resolve_device
+    from sdiff.util.devices import resolve_device
 
     device = resolve_device(device)
     if device.type not in DEVICES:
@@ -551,7 +546,7 @@ def measure_training_memory(
         if snapshot is not None:
             raise ValueError("a memory snapshot needs CUDA (PyTorch's memory history is CUDA's)")
         row |= _measure_cpu(config, batch, timeout)
-    from sdiff.bench import git_sha
+    from sdiff.util.provenance import git_sha
 
     return row | {
         "torch": str(torch.__version__),
@@ -561,7 +556,7 @@ def measure_training_memory(
 
 
 def _measure_cpu(config: ModelConfig, batch: int, timeout: float) -> dict:
-    from sdiff.config import to_dict
+    from sdiff.training.config import to_dict
 
     if not Path("/proc/self/clear_refs").exists():
         raise ValueError("the CPU measurement needs Linux's /proc (VmHWM and clear_refs)")
@@ -585,26 +580,25 @@ def _measure_cuda(config, batch, device, dtype, snapshot) -> dict:
     if device.index is not None:
         torch.cuda.set_device(device)
     base = torch.cuda.memory_allocated(device)
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer, x, y = _trainer(config, batch, str(device), dtype, run_dir)
-        trainer.train_step(x, y)  # step 1: creates gradients and Adam state
-        torch.cuda.synchronize(device)
-        static = torch.cuda.memory_allocated(device)
-        mark = _mark_forward_end(trainer.model, lambda: torch.cuda.memory_allocated(device))
-        torch.cuda.reset_peak_memory_stats(device)
-        if snapshot:
-            torch.cuda.memory._record_memory_history(max_entries=200_000)
-        start = time.perf_counter()
-        trainer.train_step(x, y)  # step 2: the steady state
-        torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(device)
-        reserved = torch.cuda.max_memory_reserved(device)
-        if snapshot:
-            Path(snapshot).parent.mkdir(parents=True, exist_ok=True)
-            torch.cuda.memory._dump_snapshot(str(snapshot))
-            torch.cuda.memory._record_memory_history(enabled=None)
-        del trainer, x, y
+    step, state = _training(config, batch, str(device), dtype)
+    step()  # step 1: creates gradients and Adam state
+    torch.cuda.synchronize(device)
+    static = torch.cuda.memory_allocated(device)
+    mark = _mark_forward_end(state.model, lambda: torch.cuda.memory_allocated(device))
+    torch.cuda.reset_peak_memory_stats(device)
+    if snapshot:
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
+    start = time.perf_counter()
+    step()  # step 2: the steady state
+    torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device)
+    reserved = torch.cuda.max_memory_reserved(device)
+    if snapshot:
+        Path(snapshot).parent.mkdir(parents=True, exist_ok=True)
+        torch.cuda.memory._dump_snapshot(str(snapshot))
+        torch.cuda.memory._record_memory_history(enabled=None)
+    del step, state
     return {
         "method": "torch.cuda.max_memory_allocated over step 2",
         "device": torch.cuda.get_device_name(device),
@@ -751,7 +745,7 @@ def memory_main(args: list[str] | None = None) -> int:
         config = replace(config, resolution=a.res)  # the config's checks raise ValueErrors
     name = a.model if a.res in (None, get_preset(a.model).resolution) else f"{a.model}@{a.res}"
     budget = int(a.budget_gib * GiB)
-    from sdiff.bench import git_sha
+    from sdiff.util.provenance import git_sha
 
     stamp = {"torch": str(torch.__version__), "git_sha": git_sha(), "date": time.strftime("%F")}
     rows, texts = [], []

@@ -3,13 +3,19 @@
     sdiff bench                                  # CPU: tiny presets at 32 and 64 px
     sdiff bench --presets uvit-l-256 --res 256 --batch 32 --compiled both      # a GPU row
 
-For each configuration, on its own freshly built model (weights, fp32 EMA copy, Adam, random
-data of the right shape, label dropout off), it measures:
-- training: one full step (forward, loss, backward, clip, Adam, EMA), bf16 autocast on CUDA;
-  ``warmup`` steps are excluded (they include compilation), the median of ``steps`` is
-  reported as ms/step and img/s; ``compile_s`` is the wall time of the first compiled step
-  minus an eager step's time;
-- sampling: one denoiser evaluation at the same batch without gradients, as denoiser
+For each configuration it builds the training state a run would (``run_config``: the preset
+at the resolution, the default diffusion and training settings at this batch, so label dropout
+0.1, clipping at 1, Adam, the EMA with its warm-up, fp32 on the CPU and bf16 autocast on CUDA;
+``sdiff.training.step.build_state``) and measures:
+- training: the trainer's own step, ``prepare_batch`` then ``train_step`` from
+  ``sdiff.training.step`` (label dropout, warm-up lr, loss, backward, clip, the
+  non-finite check with its host sync, Adam, EMA); ``warmup`` steps are excluded (they include
+  compilation), the median of ``steps`` is reported as ms/step and img/s; ``compile_s`` is the
+  wall time of the first compiled step minus an eager step's time. What differs from a real
+  run: the images are one fixed random batch of the right shape (with random labels) instead
+  of a dataset behind a loader, so the figure is the step's, not the data pipeline's; and
+  there is no logging, checkpointing or sampling between steps;
+- sampling: one forward of the step's model at the same batch without gradients, as denoiser
   evaluations/s (images x evaluations per second) and img/s for ``--sample-steps`` steps;
 - peak memory of the training step (CUDA allocator; blank on CPU, see ``sdiff bench memory``);
 - MFU = achieved training FLOP/s / the device's dense bf16 peak, with training FLOPs per image
@@ -24,25 +30,24 @@ resolution the model cannot reach) is kept with its reason.
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
 import math
-import platform
 import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from sdiff.bench import git_sha
-from sdiff.cli_args import ExtendList
-from sdiff.compile import maybe_compile
-from sdiff.devices import resolve_device
-from sdiff.diffusion import DiffusionConfig, diffusion_loss
-from sdiff.flops import example_inputs, model_stats
-from sdiff.presets import PRESETS, ModelConfig, build_model, get_preset
-from sdiff.uvit import UViTConfig
+from sdiff.data.datasets import DataConfig
+from sdiff.models.flops import model_stats
+from sdiff.models.presets import PRESETS, ModelConfig, get_preset
+from sdiff.training.config import RunConfig, TrainConfig
+from sdiff.training.step import TrainState, autocast, build_state, prepare_batch, train_step
+from sdiff.util.cli_args import ExtendList
+from sdiff.util.devices import resolve_device
+from sdiff.util.files import append_csv_row
+from sdiff.util.provenance import provenance
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), from NVIDIA's datasheets; matched in order
 # against torch.cuda.get_device_name.
@@ -75,41 +80,12 @@ def peak_tflops(device: torch.device) -> float | None:
     return peak_for_name(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
-def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def at_resolution(config: ModelConfig, resolution: int) -> ModelConfig:
-    """The preset at another resolution, the way the paper scales its models: U-ViTs keep
-    their conv levels and transformer side and change the patch size (patch 2 at 256, 4 at
-    512); a U-Net at a higher resolution keeps its network behind extra DWT levels (as
-    unet-256/512 do), at a lower one its attention/dropout sides shrink with the image."""
-    if resolution == config.resolution:
-        return config
-    if not isinstance(config, UViTConfig):
-        ratio = resolution / config.resolution
-        if ratio > 1 and ratio.is_integer() and (int(ratio) & (int(ratio) - 1)) == 0:
-            levels = int(math.log2(ratio)) + (
-                config.dwt_levels if config.downsample == "dwt" else 0
-            )
-            if config.downsample in ("none", "dwt"):
-                return replace(config, resolution=resolution, downsample="dwt", dwt_levels=levels)
-        if ratio < 1:
-            scale = lambda sides: tuple(int(s * ratio) for s in sides if (s * ratio).is_integer())  # noqa: E731
-            return replace(config, resolution=resolution,
-                           attention_resolutions=scale(config.attention_resolutions),
-                           dropout_resolutions=scale(config.dropout_resolutions))  # fmt: skip
-    if isinstance(config, UViTConfig) and config.downsample == "patch":
-        inner = config.transformer_resolution * 2 ** len(config.channels)
-        if resolution % inner:
-            raise ValueError(
-                f"{resolution} px cannot reach this U-ViT's {config.transformer_resolution}x"
-                f"{config.transformer_resolution} transformer through its conv levels"
-            )
-        return replace(config, resolution=resolution, patch_size=resolution // inner)
-    return replace(config, resolution=resolution)
+    """The preset at another resolution, the way the paper scales its models: each model
+    config's ``at_resolution`` (U-ViTs keep their conv levels and transformer side and change
+    the patch size, patch 2 at 256 and 4 at 512; a U-Net at a higher resolution keeps its
+    network behind extra DWT levels, at a lower one its attention/dropout sides shrink)."""
+    return config.at_resolution(resolution)
 
 
 def _sync(device: torch.device) -> None:
@@ -125,43 +101,63 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def make_train_step(config: ModelConfig, batch: int, device: torch.device, compiled: bool):
-    """A closure running one full training step on fixed random data."""
-    torch.manual_seed(0)
-    with torch.device(device):  # initialised where it runs (seconds, not a minute, for 1.9B)
-        model = build_model(config)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    step_model = maybe_compile(model, enabled=compiled)
-    z, _, cond = example_inputs(config, batch, device=device)
-    x = torch.rand(z.shape, device=device) * 2 - 1
-    diffusion = DiffusionConfig()
-    schedule = diffusion.schedule.build(config.resolution)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+def run_config(
+    model: ModelConfig,
+    batch: int,
+    *,
+    compiled: bool = False,
+    precision: str = "auto",
+    seed: int = 0,
+) -> RunConfig:
+    """The run config a benchmark trains ``model`` with: the default diffusion and training
+    settings (``TrainConfig``'s: lr 1e-4, no lr warm-up, clipping at 1, label dropout 0.1, EMA
+    0.9999 with its warm-up; ``precision`` "auto" is bf16 autocast on CUDA, fp32 on the CPU) at
+    global batch ``batch``. The data section only states the image shape: no dataset is built,
+    the benchmark feeds ``random_batch`` images."""
+    if getattr(model, "text_dim", None) is not None:
+        raise ValueError("benchmarking a text-conditioned U-ViT is not supported (no captions)")
+    data = DataConfig(resolution=model.resolution, channels=model.in_channels)
+    train = TrainConfig(batch_size=batch, compile=compiled, precision=precision, seed=seed,
+                        sample_every_images=0)  # fmt: skip
+    return RunConfig(model=model, data=data, train=train)
 
-    def step() -> None:
-        if autocast is not None:
-            with autocast:
-                loss = diffusion_loss(step_model, x, diffusion, cond, schedule=schedule).loss
-        else:
-            loss = diffusion_loss(step_model, x, diffusion, cond, schedule=schedule).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-                e.lerp_(p, 1e-4)
 
+def random_batch(
+    model: ModelConfig, batch: int, device: torch.device | str = "cpu", seed: int = 0
+) -> tuple[Tensor, Tensor | None]:
+    """Images (B, C, H, W) uniform in [-1, 1] and labels (B,) (None for an unconditional
+    model), from a fixed seed."""
+    gen = torch.Generator().manual_seed(seed)
+    c, r = model.in_channels, model.resolution
+    x = torch.rand(batch, c, r, r, generator=gen) * 2 - 1
+    y = torch.randint(0, max(model.num_classes, 1), (batch,), generator=gen)
+    return x.to(device), (y.to(device) if model.num_classes else None)
+
+
+def make_train_step(config: RunConfig, device: torch.device | str):
+    """(state, step): a fresh ``TrainState`` for ``config`` and ``step(x, y)``, one training
+    step as the trainer takes it (``prepare_batch``, then ``train_step``), returning (loss,
+    gradient norm)."""
+    state = build_state(config, device)
+
+    def step(x: Tensor, y: Tensor | None):
+        return train_step(state, prepare_batch(state, x, y, config), config)
+
+    return state, step
+
+
+def make_sample_eval(state: TrainState, config: RunConfig, batch: int):
+    """One forward of the step's model (compiled when the step is) at ``batch``, without
+    gradients: the cost of a denoiser evaluation when sampling."""
+    z, y = random_batch(config.model, batch, state.device, seed=1)
+    logsnr = torch.zeros(batch, device=state.device)
+
+    @torch.no_grad()
     def sample_eval() -> None:
-        with torch.no_grad():
-            if autocast is not None:
-                with autocast:
-                    step_model(z, torch.zeros(batch, device=device), cond)
-            else:
-                step_model(z, torch.zeros(batch, device=device), cond)
+        with autocast(config.train, state.device):
+            state.step_model(z, logsnr, y)
 
-    return step, sample_eval
+    return sample_eval
 
 
 def measure(
@@ -180,15 +176,18 @@ def measure(
            "compiled": compiled, "dtype": "bf16" if device.type == "cuda" else "fp32",
            "sample_steps": sample_steps}  # fmt: skip
     try:
-        config = replace(at_resolution(get_preset(preset), resolution), attention_backend=backend)
-        macs = model_stats(config).macs
+        model = replace(at_resolution(get_preset(preset), resolution), attention_backend=backend)
+        macs = model_stats(model).macs
+        config = run_config(model, batch, compiled=compiled)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        step, sample_eval = make_train_step(config, batch, device, compiled)
-        first = _timed(step, device)
+        state, step = make_train_step(config, device)
+        sample_eval = make_sample_eval(state, config, batch)
+        x, y = random_batch(model, batch, device)
+        first = _timed(lambda: step(x, y), device)
         for _ in range(max(warmup - 1, 0)):
-            step()
-        times = [_timed(step, device) for _ in range(steps)]
+            step(x, y)
+        times = [_timed(lambda: step(x, y), device) for _ in range(steps)]
         train_s = statistics.median(times)
         evals = [_timed(sample_eval, device) for _ in range(max(3, steps // 2))]
         eval_s = statistics.median(evals)
@@ -251,13 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         get_preset(unknown[0])  # raises with the known names
     device = resolve_device(args.device)
-    meta = {
-        "device": device_label(device),
-        "torch": str(torch.__version__),
-        "triton": _triton_version(),
-        "git_sha": git_sha(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
+    prov = provenance(device)
+    meta = {"device": prov.device, "torch": prov.torch, "triton": prov.triton,
+            "git_sha": prov.git_sha, "date": prov.date}  # fmt: skip
     compiled = {"no": [False], "yes": [True], "both": [False, True]}[args.compiled]
     start = time.perf_counter()
     path = Path(args.csv)
@@ -277,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                                           device=device, warmup=args.warmup, steps=args.steps,
                                           sample_steps=args.sample_steps)  # fmt: skip
                         rows.append({**row, **meta})
-                        _append_row(path, rows[-1])  # row by row: a killed run keeps its rows
+                        # row by row: a killed run keeps its rows
+                        append_csv_row(path, FIELDS, _csv_row(rows[-1]))
                         print(f"{preset} {res}px batch {batch} {backend} "
                               f"{'compiled' if comp else 'eager'}: "
                               f"{row.get('train_img_s') or row['status']}", flush=True)  # fmt: skip
@@ -287,22 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _append_row(path: Path, row: dict) -> None:
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return "not installed"
+def _csv_row(row: dict) -> dict:
+    return {k: row.get(k) for k in FIELDS}
 
 
 if __name__ == "__main__":

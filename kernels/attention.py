@@ -3,10 +3,11 @@
     flash_attention(q, k, v, key_padding_mask=None) -> (B, H, Lq, D)
     attention_ref(q, k, v, key_padding_mask=None)   -> (B, H, Lq, D)
 
-Same layout and semantics as ``sdiff.attention``: q (B, H, Lq, D), k and v (B, H, Lk, D), any
-Lq and Lk (tails masked), ``key_padding_mask`` (B, Lk) bool with True marking padded keys, a
-query whose keys are all padding gets zeros. Non-causal. fp32, fp16 and bf16 inputs, fp32
-accumulation; head dims 16, 32, 64 and 128.
+Same layout and semantics as the library's attention entry point (this is its ``triton``
+backend): q (B, H, Lq, D), k and v (B, H, Lk, D), any Lq and Lk (tails masked),
+``key_padding_mask`` (B, Lk) bool with True marking padded keys, a query whose keys are all
+padding gets zeros. Non-causal. fp32, fp16 and bf16 inputs, fp32 accumulation; head dims 16, 32,
+64 and 128.
 
 Algorithm (Dao et al., FlashAttention-2). Forward: one program per (block of BLOCK_M queries,
 batch x head) streams over key blocks with the online softmax, in base 2:
@@ -17,6 +18,15 @@ the backward's 2^(s - lse) is 0 there). Backward: delta = rowsum(dO * O); one ke
 block accumulates dV = P^T dO and dK = scale dS^T Q with dS = P (dO V^T - delta); one per query
 block accumulates dQ = scale dS K; P is recomputed from lse, so nothing of size L^2 is stored.
 Two kernels instead of atomics keep the backward deterministic.
+
+Code layout (as the Triton fused-attention tutorial): thin kernels ``_fwd``, ``_bwd_dkdv``,
+``_bwd_dq`` and ``_bwd_delta`` over ``@triton.jit`` helpers they share: ``_load_tile`` and
+``_store_tile`` (row-masked (rows, D) tiles), ``_keys_ok`` (the padding mask), ``_load_lse_delta``
+and ``_scores``, ``_probs`` and ``_dscores`` (s, P and dS, recomputed the same way by both backward
+kernels). Boundary cases are compiled away by constexpr flags (HAS_MASK, EVEN_K). Block sizes,
+warps and stages: the entry of the caller's ``launch_configs`` (a keyword of ``_forward`` and
+``_backward``; the registered ops pass the JSON file named by ``SDIFF_ATTN_CONFIG``), else the
+tuned, read-only table ``LAUNCH_CONFIGS`` (``_launch_config``).
 
 Precision: tiles are multiplied in the input dtype with fp32 accumulation (tensor cores for
 fp16/bf16; ``input_precision="ieee"`` for fp32, no TF32). Under the Triton interpreter
@@ -31,8 +41,12 @@ break; autograd goes through ``register_autograd``.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 from torch import Tensor
@@ -49,6 +63,13 @@ __all__ = [
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
+
+
+def _read_only(table: Mapping) -> Mapping:
+    """A read-only view of a nested dict (the launch-config tables)."""
+    return MappingProxyType(
+        {key: _read_only(val) if isinstance(val, Mapping) else val for key, val in table.items()}
+    )
 
 
 def interpreting() -> bool:
@@ -86,6 +107,10 @@ def attention_ref(
 # --------------------------------------------------------------------------------------------
 # Triton kernels. Importing this module needs neither a GPU nor triton itself; TRITON_INTERPRET
 # must be set before this module (and triton) is first imported to run them on the CPU.
+#
+# Every kernel runs one program per (block of rows, batch x head). It first moves each pointer
+# to its (batch, head) matrix, in int64 because B x H x L x D may pass 2^31 elements; the tiles
+# are then addressed by row and column offsets within one (L, D) matrix.
 
 try:
     import triton
@@ -96,11 +121,84 @@ except ImportError:  # pragma: no cover - triton ships with torch on Linux x86_6
 if triton is not None:
 
     @triton.jit
+    def _load_tile(
+        base,
+        offs_row,
+        offs_d,
+        stride_row,
+        stride_d,
+        row_ok,
+        EVEN: tl.constexpr = False,
+        TRANS: tl.constexpr = False,
+        TO_FP32: tl.constexpr = False,
+    ):
+        """Rows ``offs_row`` of the (L, D) matrix at ``base``: a (ROWS, D) tile, or (D, ROWS) with
+        TRANS (K^T for q K^T, read transposed from memory). Rows not ``row_ok`` read as 0, or
+        with EVEN (every row exists) the load is unmasked. TO_FP32 casts to fp32 (DOT_FP32)."""
+        if TRANS:
+            ptrs = base + offs_row[None, :] * stride_row + offs_d[:, None] * stride_d
+            mask = row_ok[None, :]
+        else:
+            ptrs = base + offs_row[:, None] * stride_row + offs_d[None, :] * stride_d
+            mask = row_ok[:, None]
+        if EVEN:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=mask, other=0.0)
+        if TO_FP32:
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
+    def _store_tile(base, offs_row, offs_d, stride_row, stride_d, row_ok, x):
+        """Write the (ROWS, D) tile ``x`` to rows ``offs_row`` (those ``row_ok``) at ``base``, in
+        the dtype of ``base``."""
+        ptrs = base + offs_row[:, None] * stride_row + offs_d[None, :] * stride_d
+        tl.store(ptrs, x.to(base.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _keys_ok(Mask, offs_n, stride_mn, in_range, HAS_MASK: tl.constexpr):
+        """(BLOCK_N,) bool: keys ``offs_n`` that exist (``in_range``) and are not padding."""
+        ok = in_range
+        if HAS_MASK:
+            pad = tl.load(Mask + offs_n * stride_mn, mask=in_range, other=1)
+            ok = ok & (pad == 0)
+        return ok
+
+    @triton.jit
+    def _load_lse_delta(LSE, DELTA, offs_m, q_ok):
+        """The forward's log-sum-exp (base 2) and delta = rowsum(dO * O) of queries ``offs_m``;
+        a query that does not exist gets lse = +inf, so its row of P is 0."""
+        lse = tl.load(LSE + offs_m, mask=q_ok, other=float("inf"))
+        delta = tl.load(DELTA + offs_m, mask=q_ok, other=0.0)
+        return lse, delta
+
+    @triton.jit
+    def _scores(a, bt, scale_log2e, PRECISION: tl.constexpr):
+        """a b^T * scale * log2(e): attention logits in base 2, (rows of a, columns of bt)."""
+        return tl.dot(a, bt, input_precision=PRECISION) * scale_log2e
+
+    @triton.jit
+    def _probs(a, bt, lse, keep, scale_log2e, PRECISION: tl.constexpr):
+        """P = 2^(a bt * scale * log2(e) - lse), 0 where not ``keep``: the forward's softmax,
+        recomputed from its log-sum-exp. With a = q, bt = k^T it is P (M, N), with lse and keep
+        broadcast as (M, 1) and (1, N); with a = k, bt = q^T it is P^T (N, M)."""
+        p = tl.math.exp2(_scores(a, bt, scale_log2e, PRECISION) - lse)
+        return tl.where(keep, p, 0.0)
+
+    @triton.jit
+    def _dscores(p, da, dbt, delta, PRECISION: tl.constexpr):
+        """dS = P (dP - delta), the gradient at the softmax's input, with dP = da dbt: dO V^T
+        for P (M, N), V dO^T for P^T (N, M); ``delta`` broadcast like ``lse`` in ``_probs``."""
+        dp = tl.dot(da, dbt, input_precision=PRECISION)
+        return p * (dp - delta)
+
+    @triton.jit
     def _fwd(
         Q,
         K,
         V,
-        M,
+        Mask,
         O,
         LSE,
         sqb,
@@ -133,45 +231,40 @@ if triton is not None:
         PRECISION: tl.constexpr,
         EVEN_K: tl.constexpr,  # LK % BLOCK_N == 0 and no padding mask: no key masking at all
     ):
+        """Output and base-2 log-sum-exp of one block of BLOCK_M queries, streaming over all
+        keys with the online softmax."""
         pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(1).to(tl.int64)
         b = bh // H
         h = bh % H
+        Q += b * sqb + h * sqh
+        K += b * skb + h * skh
+        V += b * svb + h * svh
+        O += b * sob + h * soh
+        Mask += b * smb
+        LSE += bh * LQ
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
-        q_valid = offs_m < LQ
-        q = tl.load(
-            Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-            mask=q_valid[:, None],
-            other=0.0,
-        )  # (BLOCK_M, D)
-        if DOT_FP32:
-            q = q.to(tl.float32)
+        q_ok = offs_m < LQ
+        q = _load_tile(Q, offs_m, offs_d, sqm, sqd, q_ok, TO_FP32=DOT_FP32)  # (BLOCK_M, D)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         for start in range(0, LK, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            kt_ptrs = K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd
-            v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
-            if EVEN_K:
-                kt = tl.load(kt_ptrs)  # (D, BLOCK_N)
-                v = tl.load(v_ptrs)  # (BLOCK_N, D)
-            else:
-                key_ok = offs_n < LK
-                kt = tl.load(kt_ptrs, mask=key_ok[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
-            if DOT_FP32:
-                kt = kt.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2e  # (BLOCK_M, BLOCK_N)
+            in_range = offs_n < LK
+            kt = _load_tile(
+                K, offs_n, offs_d, skn, skd, in_range, EVEN=EVEN_K, TRANS=True, TO_FP32=DOT_FP32
+            )  # (D, BLOCK_N)
+            v = _load_tile(
+                V, offs_n, offs_d, svn, svd, in_range, EVEN=EVEN_K, TO_FP32=DOT_FP32
+            )  # (BLOCK_N, D)
+            s = _scores(q, kt, scale_log2e, PRECISION)  # (BLOCK_M, BLOCK_N)
             if EVEN_K:
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_base = m_new  # every row has seen a key
             else:
-                if HAS_MASK:
-                    pad = tl.load(M + b * smb + offs_n * smn, mask=key_ok, other=1)
-                    key_ok = key_ok & (pad == 0)
+                key_ok = _keys_ok(Mask, offs_n, smn, in_range, HAS_MASK)
                 s = tl.where(key_ok[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
@@ -183,19 +276,15 @@ if triton is not None:
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-        tl.store(
-            O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-            out.to(O.dtype.element_ty),
-            mask=q_valid[:, None],
-        )
-        tl.store(LSE + bh * LQ + offs_m, lse, mask=q_valid)
+        _store_tile(O, offs_m, offs_d, som, sod, q_ok, out)
+        tl.store(LSE + offs_m, lse, mask=q_ok)
 
     @triton.jit
     def _bwd_dkdv(
         Q,
         K,
         V,
-        M,
+        Mask,
         DO,
         LSE,
         DELTA,
@@ -231,74 +320,49 @@ if triton is not None:
         DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
+        """dK and dV of one block of BLOCK_N keys, streaming over all queries (DK and DV have
+        K's and V's strides)."""
         pid_n = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(1).to(tl.int64)
         b = bh // H
         h = bh % H
+        Q += b * sqb + h * sqh
+        K += b * skb + h * skh
+        V += b * svb + h * svh
+        DO += b * sdb + h * sdh
+        DK += b * skb + h * skh
+        DV += b * svb + h * svh
+        Mask += b * smb
+        LSE += bh * LQ
+        DELTA += bh * LQ
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         in_range = offs_n < LK
-        k = tl.load(
-            K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-            mask=in_range[:, None],
-            other=0.0,
-        )  # (BLOCK_N, D)
-        v = tl.load(
-            V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-            mask=in_range[:, None],
-            other=0.0,
-        )
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        key_ok = in_range
-        if HAS_MASK:
-            pad = tl.load(M + b * smb + offs_n * smn, mask=in_range, other=1)
-            key_ok = key_ok & (pad == 0)
+        k = _load_tile(K, offs_n, offs_d, skn, skd, in_range, TO_FP32=DOT_FP32)  # (BLOCK_N, D)
+        v = _load_tile(V, offs_n, offs_d, svn, svd, in_range, TO_FP32=DOT_FP32)
+        key_ok = _keys_ok(Mask, offs_n, smn, in_range, HAS_MASK)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         for start in range(0, LQ, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
-            q_valid = offs_m < LQ
-            q = tl.load(
-                Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=q_valid[:, None],
-                other=0.0,
-            )  # (BLOCK_M, D)
-            do = tl.load(
-                DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
-                mask=q_valid[:, None],
-                other=0.0,
-            )
-            if DOT_FP32:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(LSE + bh * LQ + offs_m, mask=q_valid, other=float("inf"))
-            delta = tl.load(DELTA + bh * LQ + offs_m, mask=q_valid, other=0.0)
-            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2e  # (N, M)
-            pt = tl.math.exp2(st - lse[None, :])
-            pt = tl.where(key_ok[:, None] & q_valid[None, :], pt, 0.0)
+            q_ok = offs_m < LQ
+            q = _load_tile(Q, offs_m, offs_d, sqm, sqd, q_ok, TO_FP32=DOT_FP32)  # (BLOCK_M, D)
+            do = _load_tile(DO, offs_m, offs_d, sdm, sdd, q_ok, TO_FP32=DOT_FP32)
+            lse, delta = _load_lse_delta(LSE, DELTA, offs_m, q_ok)
+            keep = key_ok[:, None] & q_ok[None, :]
+            pt = _probs(k, tl.trans(q), lse[None, :], keep, scale_log2e, PRECISION)  # (N, M)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (N, M)
-            dst = pt * (dpt - delta[None, :])
+            dst = _dscores(pt, v, tl.trans(do), delta[None, :], PRECISION)  # (N, M)
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
-        tl.store(
-            DK + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-            (dk * scale).to(DK.dtype.element_ty),
-            mask=in_range[:, None],
-        )
-        tl.store(
-            DV + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-            dv.to(DV.dtype.element_ty),
-            mask=in_range[:, None],
-        )
+        _store_tile(DK, offs_n, offs_d, skn, skd, in_range, dk * scale)
+        _store_tile(DV, offs_n, offs_d, svn, svd, in_range, dv)
 
     @triton.jit
     def _bwd_dq(
         Q,
         K,
         V,
-        M,
+        Mask,
         DO,
         LSE,
         DELTA,
@@ -333,59 +397,36 @@ if triton is not None:
         DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
+        """dQ of one block of BLOCK_M queries, streaming over all keys (DQ has Q's strides)."""
         pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(1).to(tl.int64)
         b = bh // H
         h = bh % H
+        Q += b * sqb + h * sqh
+        K += b * skb + h * skh
+        V += b * svb + h * svh
+        DO += b * sdb + h * sdh
+        DQ += b * sqb + h * sqh
+        Mask += b * smb
+        LSE += bh * LQ
+        DELTA += bh * LQ
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
-        q_valid = offs_m < LQ
-        q = tl.load(
-            Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-            mask=q_valid[:, None],
-            other=0.0,
-        )
-        do = tl.load(
-            DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
-            mask=q_valid[:, None],
-            other=0.0,
-        )
-        if DOT_FP32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        lse = tl.load(LSE + bh * LQ + offs_m, mask=q_valid, other=float("inf"))
-        delta = tl.load(DELTA + bh * LQ + offs_m, mask=q_valid, other=0.0)
+        q_ok = offs_m < LQ
+        q = _load_tile(Q, offs_m, offs_d, sqm, sqd, q_ok, TO_FP32=DOT_FP32)  # (BLOCK_M, D)
+        do = _load_tile(DO, offs_m, offs_d, sdm, sdd, q_ok, TO_FP32=DOT_FP32)
+        lse, delta = _load_lse_delta(LSE, DELTA, offs_m, q_ok)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         for start in range(0, LK, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            key_ok = offs_n < LK
-            k = tl.load(
-                K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=key_ok[:, None],
-                other=0.0,
-            )  # (BLOCK_N, D)
-            v = tl.load(
-                V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                mask=key_ok[:, None],
-                other=0.0,
-            )
-            if DOT_FP32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if HAS_MASK:
-                pad = tl.load(M + b * smb + offs_n * smn, mask=key_ok, other=1)
-                key_ok = key_ok & (pad == 0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e  # (M, N)
-            p = tl.math.exp2(s - lse[:, None])
-            p = tl.where(key_ok[None, :], p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
+            in_range = offs_n < LK
+            k = _load_tile(K, offs_n, offs_d, skn, skd, in_range, TO_FP32=DOT_FP32)  # (N, D)
+            v = _load_tile(V, offs_n, offs_d, svn, svd, in_range, TO_FP32=DOT_FP32)
+            key_ok = _keys_ok(Mask, offs_n, smn, in_range, HAS_MASK)
+            p = _probs(q, tl.trans(k), lse[:, None], key_ok[None, :], scale_log2e, PRECISION)
+            ds = _dscores(p, do, tl.trans(v), delta[:, None], PRECISION)  # (BLOCK_M, BLOCK_N)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        tl.store(
-            DQ + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-            (dq * scale).to(DQ.dtype.element_ty),
-            mask=q_valid[:, None],
-        )
+        _store_tile(DQ, offs_m, offs_d, sqm, sqd, q_ok, dq * scale)
 
     @triton.jit
     def _bwd_delta(
@@ -407,37 +448,34 @@ if triton is not None:
     ):
         """delta = rowsum(dO * O) in fp32, without fp32 copies of dO and O."""
         pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(1).to(tl.int64)
         b = bh // H
         h = bh % H
+        O += b * sob + h * soh
+        DO += b * sdb + h * sdh
+        DELTA += bh * LQ
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
-        valid = offs_m < LQ
-        o = tl.load(
-            O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-            mask=valid[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        do = tl.load(
-            DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
-            mask=valid[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        tl.store(DELTA + bh * LQ + offs_m, tl.sum(o * do, 1), mask=valid)
+        ok = offs_m < LQ
+        o = _load_tile(O, offs_m, offs_d, som, sod, ok, TO_FP32=True)
+        do = _load_tile(DO, offs_m, offs_d, sdm, sdd, ok, TO_FP32=True)
+        tl.store(DELTA + offs_m, tl.sum(o * do, 1), mask=ok)
 
 
-def _kernels() -> dict[str, object]:
-    return {"fwd": _fwd, "dkdv": _bwd_dkdv, "dq": _bwd_dq, "delta": _bwd_delta}
-
-
-# Launch configurations (block sizes, warps, pipeline stages) per kernel, head dim and length
-# regime ("short": the query or key length the grid runs over is <= SHORT_LEN, the U-ViT's 256
-# tokens; "long" otherwise). ``SDIFF_ATTN_CONFIG`` (a JSON file of the same shape, written by
-# bench/gpu/tune_attention.py) or ``set_launch_configs`` overrides entries, for tuning on a GPU.
-# The table is the tuner's choice on an NVIDIA H200 (torch 2.11, triton 3.6; 2026-11-26,
-# reports/gpu/attention_tune.csv): bf16, width 2048, N = 256 (batch 64) and N = 4096 (batch 4).
+# Launch configurations (block sizes, warps, pipeline stages) per kernel ("fwd", "dkdv", "dq"),
+# head dim (dims below 64 use the 64 entry) and length regime ("short": the query or key length
+# the grid runs over is <= SHORT_LEN, the U-ViT's 256 tokens; "long" otherwise). The table is
+# the tuner's choice (bench/gpu/tune_attention.py) on an NVIDIA H200 (torch 2.11, triton 3.6;
+# 2026-11-26, reports/gpu/attention_tune.csv): bf16, width 2048, N = 256 (batch 64) and
+# N = 4096 (batch 4). It is read-only: a caller overrides entries by passing ``launch_configs``
+# of the same shape (head dims as ints or strings, as in the tuner's JSON) to ``_forward`` and
+# ``_backward``; the registered ops pass the JSON file named by ``SDIFF_ATTN_CONFIG``. Under the
+# interpreter the default is INTERPRETER_CONFIG: large tiles, fewer programs, faster on a CPU.
 SHORT_LEN = 512
-LAUNCH_CONFIGS: dict[str, dict[int, dict[str, dict[str, int]]]] = {
+INTERPRETER_CONFIG = MappingProxyType(
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+)
+LAUNCH_CONFIGS: Mapping[str, Mapping[int, Mapping[str, Mapping[str, int]]]] = _read_only({
     "fwd": {
         64: {"short": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
              "long": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}},
@@ -456,48 +494,44 @@ LAUNCH_CONFIGS: dict[str, dict[int, dict[str, dict[str, int]]]] = {
         128: {"short": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 4},
              "long": {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}},
     },
-}  # fmt: skip
-_OVERRIDES: dict = {}
-_ENV_LOADED = False
+})  # fmt: skip
 
 
-def set_launch_configs(overrides: dict | None) -> None:
-    """Override launch configs: {kind: {head_dim: {regime: cfg}}} (None clears)."""
-    global _ENV_LOADED
-    _OVERRIDES.clear()
-    _ENV_LOADED = True  # an explicit setting wins over the environment
-    for kind, by_dim in (overrides or {}).items():
-        for dim, by_regime in by_dim.items():
-            for regime, cfg in by_regime.items():
-                _OVERRIDES[(kind, int(dim), regime)] = dict(cfg)
-
-
-def _load_env_overrides() -> None:
-    global _ENV_LOADED
-    if _ENV_LOADED:
-        return
-    path = os.environ.get("SDIFF_ATTN_CONFIG")
-    if path:
-        import json
-
-        try:
-            set_launch_configs(json.loads(open(path).read()))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"SDIFF_ATTN_CONFIG={path}: not a readable JSON file ({err})") from err
-    _ENV_LOADED = True
-
-
-def _launch_config(head_dim: int, kind: str, length: int) -> dict[str, int]:
-    """Block sizes and warps of kernel ``kind`` ("fwd", "dkdv", "dq") whose grid runs over
-    ``length`` rows. Interpreter: large tiles (fewer programs, faster on CPU). CUDA: the table
-    above (head dims below 64 use the 64 entry), tuned on an H200 (issue 9)."""
-    if interpreting():
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
-    _load_env_overrides()
+def _launch_config(
+    head_dim: int, kind: str, length: int, launch_configs: Mapping | None = None
+) -> dict[str, int]:
+    """Block sizes, warps and stages of kernel ``kind`` ("fwd", "dkdv", "dq") whose grid runs over
+    ``length`` rows: the entry of ``launch_configs`` if it has one, else INTERPRETER_CONFIG under
+    the interpreter, else LAUNCH_CONFIGS."""
     regime = "short" if length <= SHORT_LEN else "long"
     dim = 64 if head_dim <= 64 else 128
-    found = _OVERRIDES.get((kind, dim, regime))
-    return dict(found) if found else dict(LAUNCH_CONFIGS[kind][dim][regime])
+    by_dim = (launch_configs or {}).get(kind) or {}
+    found = (by_dim.get(dim) or by_dim.get(str(dim)) or {}).get(regime)
+    if found:
+        return dict(found)
+    return dict(INTERPRETER_CONFIG if interpreting() else LAUNCH_CONFIGS[kind][dim][regime])
+
+
+def _env_launch_configs() -> Mapping | None:
+    """The launch-config overrides in the JSON file named by ``SDIFF_ATTN_CONFIG`` (written by
+    bench/gpu/tune_attention.py), read once per path; None if unset or under the interpreter."""
+    path = os.environ.get("SDIFF_ATTN_CONFIG")
+    if not path or interpreting():
+        return None
+    return _read_launch_configs(path)
+
+
+@functools.cache
+def _read_launch_configs(path: str) -> Mapping:
+    """The JSON object in ``path``, read-only; a ValueError naming SDIFF_ATTN_CONFIG if none."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+        if not isinstance(table, dict):
+            raise ValueError("not a JSON object")
+        return _read_only(table)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"SDIFF_ATTN_CONFIG={path}: not a readable JSON file ({err})") from err
 
 
 def _precision_args(q: Tensor) -> dict:
@@ -527,16 +561,25 @@ def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
         )
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float):
+def _forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    *,
+    launch_configs: Mapping | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(out (B, H, Lq, D), lse (B, H, Lq) fp32, base 2); ``launch_configs`` as in _launch_config."""
     _check(q, k, v, mask)
     bsz, heads, lq, d = q.shape
     lk = k.shape[2]
     out = _result_like(q)
     lse = torch.empty(bsz, heads, lq, device=q.device, dtype=torch.float32)
     m, smb, smn, has_mask = _mask_args(q, mask)
-    cfg = _launch_config(d, "fwd", lq)
-    grid = (triton_cdiv(lq, cfg["BLOCK_M"]), bsz * heads)
-    _kernels()["fwd"][grid](
+    cfg = _launch_config(d, "fwd", lq, launch_configs)
+    grid = (triton.cdiv(lq, cfg["BLOCK_M"]), bsz * heads)
+    _fwd[grid](
         q,
         k,
         v,
@@ -562,12 +605,24 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float)
     return out.to(q.dtype), lse
 
 
-def _backward(dout, q, k, v, mask, out, lse, scale):
+def _backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    *,
+    launch_configs: Mapping | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) from the forward's out and lse; ``launch_configs`` as in _launch_config."""
     bsz, heads, lq, d = q.shape
     lk = k.shape[2]
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
     delta = torch.empty(bsz, heads, lq, device=q.device, dtype=torch.float32)
-    _kernels()["delta"][(triton_cdiv(lq, 64), bsz * heads)](
+    _bwd_delta[(triton.cdiv(lq, 64), bsz * heads)](
         out, dout, delta, *out.stride(), *dout.stride(), heads, lq, HEAD_DIM=d, BLOCK_M=64
     )  # (B, H, Lq): rowsum(dO * O)
     # dq, dk and dv are written with q's, k's and v's strides: a non-dense view (a chunk of a
@@ -577,38 +632,19 @@ def _backward(dout, q, k, v, mask, out, lse, scale):
                for x in (q, k, v))  # fmt: skip
     dq, dk, dv = _result_like(q), _result_like(k), _result_like(v)
     m, smb, smn, has_mask = _mask_args(q, mask)
-    cfg_kv, cfg_q = _launch_config(d, "dkdv", lk), _launch_config(d, "dq", lq)
+    cfg_kv = _launch_config(d, "dkdv", lk, launch_configs)
+    cfg_q = _launch_config(d, "dq", lq, launch_configs)
     common = dict(HAS_MASK=has_mask, HEAD_DIM=d, **_precision_args(q))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), smb, smn)
-    kern = _kernels()
-    kern["dkdv"][(triton_cdiv(lk, cfg_kv["BLOCK_N"]), bsz * heads)](
-        q,
-        k,
-        v,
-        m,
-        dout,
-        lse,
-        delta,
-        dk,
-        dv,
-        *strides,
-        heads,
-        lq,
-        lk,
-        scale,
-        scale * LOG2E,
-        **common,
-        **cfg_kv,
-    )
-    kern["dq"][(triton_cdiv(lq, cfg_q["BLOCK_M"]), bsz * heads)](
+    _bwd_dkdv[(triton.cdiv(lk, cfg_kv["BLOCK_N"]), bsz * heads)](
+        q, k, v, m, dout, lse, delta, dk, dv, *strides, heads, lq, lk, scale, scale * LOG2E,
+        **common, **cfg_kv,
+    )  # fmt: skip
+    _bwd_dq[(triton.cdiv(lq, cfg_q["BLOCK_M"]), bsz * heads)](
         q, k, v, m, dout, lse, delta, dq, *strides, heads, lq, lk, scale, scale * LOG2E,
         **common, **cfg_q,
     )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -619,7 +655,7 @@ def triton_cdiv(a: int, b: int) -> int:
 def flash_attn_fwd(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor]:
-    return _forward(q, k, v, key_padding_mask, scale)
+    return _forward(q, k, v, key_padding_mask, scale, launch_configs=_env_launch_configs())
 
 
 @flash_attn_fwd.register_fake
@@ -639,7 +675,9 @@ def flash_attn_bwd(
     lse: Tensor,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward(dout, q, k, v, key_padding_mask, out, lse, scale)
+    return _backward(
+        dout, q, k, v, key_padding_mask, out, lse, scale, launch_configs=_env_launch_configs()
+    )
 
 
 @flash_attn_bwd.register_fake

@@ -8,17 +8,24 @@ plots, sample grids and an index.
 Per table and scale (``reports/tables/table<N>-<scale>.md`` and ``.tex``): the table laid out
 as the paper's (its rows, its columns), each cell "ours" (the mean over the cells that share a
 row and column, i.e. several seeds run into the same store or several stores, with the standard
-deviation and the count when there are more than one) beside "paper" (PAPER.md's number, a dash
-where our text of the paper has none), and a header naming the scale, the samples and reference
-images behind each FID, the sampler steps, the devices, git SHAs and wall time. Plots (PNG,
-``reports/plots/``): training loss per cell, FID/KID per cell; the cells' last sample grids are
-copied to ``reports/samples/``. Table 7 is a comparison table: the literature rows of PAPER.md,
-then ours, grouped by scale.
+deviation and the count when there are more than one) beside "paper" (the number of simple
+diffusion (arXiv 2301.11093), a dash where sdiff does not transcribe it), and a header naming
+the scale, the samples and reference images behind each FID, the sampler steps, the devices,
+the cells' git SHAs and wall time. Plots (PNG, ``reports/plots/``): training loss per cell,
+FID/KID per cell; the cells' last sample grids are copied to ``reports/samples/``. Table 7 is a
+comparison table: the literature rows as cited in simple diffusion (arXiv 2301.11093) and SiD2
+(arXiv 2410.19324), then ours, grouped by scale.
 
 ``--all`` also plots the benchmark CSVs (throughput and peak memory against resolution per
 preset and device; attention TFLOP/s against sequence length per backend) and writes
-``reports/index.md`` linking everything. pandas holds the tables; markdown and LaTeX are
-rendered here (no optional pandas dependency).
+``reports/index.md`` linking everything. pandas holds the tables; markdown tables are
+``sdiff.util.tables.markdown_table``'s, LaTeX is rendered here.
+
+Every markdown, LaTeX and index file names the commit it was generated from
+(``sdiff.util.provenance``). The repository's own ``reports/`` folder holds committed reports,
+which must be reproducible from their commit: writing into it from a tree with uncommitted
+changes is refused unless ``--allow-dirty`` is given, and then each file says that it was
+generated from a dirty tree. Any other ``--out`` folder is written whatever the tree.
 """
 
 from __future__ import annotations
@@ -41,13 +48,18 @@ import pandas as pd
 from sdiff.ablations.grid import SCALES, cell_hash
 from sdiff.ablations.runner import DEFAULT_ROOT, default_out
 from sdiff.ablations.store import STORE_NAME, ResultsStore, StoreError, cell_dir
-from sdiff.cli_args import ExtendList
+from sdiff.util import provenance
+from sdiff.util.cli_args import ExtendList
+from sdiff.util.files import atomic_write_text
+from sdiff.util.tables import markdown_table
 
 __all__ = [
     "TableReport",
     "bench_plots",
     "build_table_report",
+    "committed_reports",
     "find_stores",
+    "generated_from",
     "load_cells",
     "plot_curves",
     "plot_metrics",
@@ -74,6 +86,44 @@ METRIC_NAMES = {
     "ratio": "feature / kernel",
 }
 DASH = "–"
+
+
+# --------------------------------------------------------------------------------------------
+# Provenance of the report files
+
+
+def committed_reports() -> Path | None:
+    """The ``reports/`` folder of the sdiff checkout this code runs from (None outside one)."""
+    root = provenance.source_root()
+    return None if root is None else root / "reports"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def generated_from(out: str | Path, allow_dirty: bool = False) -> str:
+    """What the report files written to ``out`` say about their origin: "from commit <sha>",
+    "from <sha>+dirty: uncommitted changes, ...", or an unknown commit.
+
+    A ValueError, before anything is written, for the repository's committed ``reports/``
+    folder and a tree with uncommitted changes, unless ``allow_dirty``.
+    """
+    sha = provenance.git_sha()
+    if sha is None:
+        return "from an unknown commit (not a git checkout, and $SDIFF_GIT_SHA is not set)"
+    if not sha.endswith(provenance.DIRTY):
+        return f"from commit {sha}"
+    reports = committed_reports()
+    if not allow_dirty and reports is not None and _inside(Path(out), reports):
+        raise ValueError(
+            f"refusing to write into {reports}: the source tree has uncommitted changes (git "
+            f"{sha}), and a committed report must be reproducible from its commit. Commit "
+            f"first, or pass --allow-dirty (each file then says it came from a dirty tree), "
+            f"or write elsewhere with --out"
+        )
+    return f"from {sha}: uncommitted changes, not reproducible from a commit"
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,12 +250,11 @@ def fmt_cell(metric: str, values: Sequence[float]) -> str:
 
 def to_markdown(df: pd.DataFrame, index_name: str = "") -> str:
     """A pipe table of the DataFrame (index as the first column; string cells)."""
-    cols = [index_name or (df.index.name or "")] + [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for idx, row in df.iterrows():
-        cells = [str(idx)] + ["" if v is None else str(v) for v in row.tolist()]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+    columns = [index_name or (df.index.name or ""), *(str(c) for c in df.columns)]
+    rows = [
+        [idx, *values] for idx, values in zip(df.index, df.itertuples(index=False), strict=True)
+    ]
+    return markdown_table(columns, rows)
 
 
 _LATEX_SPECIAL = {
@@ -281,29 +330,30 @@ def _paper_value(table, row: str, column: str, metric: str) -> float | None:
     return (table.paper.get((row, column)) or {}).get(metric)
 
 
+def _ours(metric: str, here: pd.DataFrame) -> str:
+    """One "ours" entry: the metric over the done cells of ``here``, and what is not done."""
+    done = here[here["status"] == "done"]
+    ours = fmt_cell(metric, _metric_values(done, metric)) if len(done) else DASH
+    note = _status_note(here) if len(here) else "not run"
+    if not note:
+        return ours
+    return f"{ours} ({note})" if ours != DASH else note
+
+
 def _grid_frame(table, scale: str, cells: pd.DataFrame) -> pd.DataFrame:
     """Rows = the table's rows; for each column of the table and each metric: ours, paper."""
     s = table.scale(scale)
     data: dict[str, list[str]] = {}
-    index = []
-    multi_col = len(s.columns) > 1
     for row in s.rows:
-        index.append(row.title)
         for col in s.columns:
             here = cells[(cells["row"] == row.name) & (cells["column"] == col.name)]
-            done = here[here["status"] == "done"]
+            prefix = f"{col.title}: " if len(s.columns) > 1 else ""
             for metric in table.metrics:
-                name = METRIC_NAMES.get(metric, metric)
-                prefix = f"{col.title}: " if multi_col else ""
-                ours = fmt_cell(metric, _metric_values(done, metric)) if len(done) else DASH
-                note = _status_note(here) if len(here) else "not run"
-                if note:
-                    ours = f"{ours} ({note})" if ours != DASH else note
-                data.setdefault(f"{prefix}{name} (ours)", []).append(ours)
+                name = f"{prefix}{METRIC_NAMES.get(metric, metric)}"
+                data.setdefault(f"{name} (ours)", []).append(_ours(metric, here))
                 paper = _paper_value(table, row.name, col.name, metric)
-                data.setdefault(f"{prefix}{name} (paper)", []).append(fmt_number(metric, paper))
-    frame = pd.DataFrame(data, index=pd.Index(index, name="row"))
-    return frame
+                data.setdefault(f"{name} (paper)", []).append(fmt_number(metric, paper))
+    return pd.DataFrame(data, index=pd.Index([row.title for row in s.rows], name="row"))
 
 
 def _per_side_frame(table, scale: str, cells: pd.DataFrame) -> pd.DataFrame:
@@ -334,98 +384,116 @@ def _per_side_frame(table, scale: str, cells: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, index=pd.Index(index, name="level"))
 
 
+LITERATURE_SOURCE = (
+    "as cited in simple diffusion (arXiv 2301.11093), Table 7, and SiD2 (arXiv 2410.19324)"
+)
+
+
 def _literature_frame(table) -> pd.DataFrame:
     records, index = [], []
     for (name, res), values in table.paper.items():
         index.append(f"{name}, {res} px")
         records.append(
             {METRIC_NAMES.get(k, k): fmt_number(k, v) for k, v in values.items()}
-            | {"scale": "paper (as cited in PAPER.md)"}
+            | {"scale": "literature"}
         )
     return pd.DataFrame.from_records(records, index=pd.Index(index, name="model"))
+
+
+def _ours_row(scale: str, here: pd.DataFrame) -> dict[str, str]:
+    """Table 7: one of our rows (the cells of one row and column at one scale)."""
+    done = here[here["status"] == "done"]
+    n = done["eval_n"].dropna().astype(int).unique().tolist()
+    guidance = fmt_number("w", done["guidance"].dropna().max()) if len(done) else DASH
+    return {
+        "FID (ours, vs train)": fmt_cell("fid", _metric_values(done, "fid")),
+        "KID": fmt_cell("kid_mean", _metric_values(done, "kid_mean")),
+        "IS": fmt_cell("isc_mean", _metric_values(done, "isc_mean")),
+        "scale": scale,
+        "samples": ", ".join(str(x) for x in n) or DASH,
+        "guidance w": guidance,
+        "status": _status_note(here) or "done",
+    }
 
 
 def _ours_frame(table, cells: pd.DataFrame) -> pd.DataFrame:
     """Table 7: our rows, whatever scales were run, labelled with their scale."""
     records, index = [], []
-    for scale in SCALES:
-        if scale not in table.scales:
-            continue
+    for scale in (s for s in SCALES if s in table.scales):
         s = table.scales[scale]
-        here = cells[cells["scale"] == scale]
+        at_scale = cells[cells["scale"] == scale]
         for row in s.rows:
             for col in s.columns:
-                c = here[(here["row"] == row.name) & (here["column"] == col.name)]
-                done = c[c["status"] == "done"]
-                if not len(c):
-                    continue
-                label = row.title if len(s.columns) == 1 else f"{row.title}, {col.title}"
-                n = done["eval_n"].dropna().astype(int).unique().tolist()
-                index.append(label)
-                records.append(
-                    {
-                        "FID (ours, vs train)": fmt_cell("fid", _metric_values(done, "fid")),
-                        "KID": fmt_cell("kid_mean", _metric_values(done, "kid_mean")),
-                        "IS": fmt_cell("isc_mean", _metric_values(done, "isc_mean")),
-                        "scale": scale,
-                        "samples": ", ".join(str(x) for x in n) or DASH,
-                        "guidance w": fmt_number("w", done["guidance"].dropna().max())
-                        if len(done)
-                        else DASH,
-                        "status": _status_note(c) or "done",
-                    }
-                )
+                here = at_scale[(at_scale["row"] == row.name) & (at_scale["column"] == col.name)]
+                if len(here):
+                    index.append(row.title if len(s.columns) == 1 else f"{row.title}, {col.title}")
+                    records.append(_ours_row(scale, here))
     return pd.DataFrame.from_records(records, index=pd.Index(index, name="model"))
 
 
 def _header(table, scale: str, cells: pd.DataFrame) -> list[str]:
+    """The lines above the table: what was run, how it was measured, where, what failed."""
     done = cells[cells["status"] == "done"]
     lines = [f"Scale: **{scale}**. Cells: {len(done)} done of {len(cells)}."]
     if table.compute is None and len(done):
-        n = sorted(done["eval_n"].dropna().astype(int).unique().tolist())
-        ref = sorted(done["reference_n"].dropna().astype(int).unique().tolist())
-        steps = sorted(done["eval_steps"].dropna().astype(int).unique().tolist())
-        w = sorted(done["guidance"].dropna().unique().tolist())
-        fx = sorted({str(v) for v in done.get("m.feature_extractor", pd.Series()).dropna()})
-        lines.append(
-            f"FID/KID of {', '.join(map(str, n))} generated samples against "
-            f"{', '.join(map(str, ref))} training images, {', '.join(map(str, steps))} DDPM "
-            f"steps, guidance w = {', '.join(f'{x:g}' for x in w)}; features: "
-            f"{'; '.join(fx) or 'n/a'}."
-        )
-        seeds = sorted(done["seed"].dropna().astype(int).unique().tolist())
-        lines.append(
-            f"Seeds: {', '.join(map(str, seeds))}; with several, a cell shows mean ± sample "
-            f"standard deviation (n)."
-        )
+        lines += _evaluation_lines(done)
     if len(done):
-        devices = sorted({str(d) for d in done["device"].dropna()})
-        shas = sorted({str(s) for s in done["git_sha"].dropna()})
-        wall = float(done["wall_s"].fillna(0).sum())
-        when = max(done["finished_at"].dropna(), default=None)
-        date = time.strftime("%Y-%m-%d", time.localtime(when)) if when else "?"
-        lines.append(
-            f"Device: {', '.join(devices) or '?'}; git {', '.join(shas) or '?'}; "
-            f"{wall / 60:.1f} min of cell wall time; finished {date}."
-        )
+        lines.append(_where_line(done))
     failed = cells[cells["status"] == "failed"]
-    for _, r in failed.iterrows():
-        lines.append(f"Failed: {r['row']} / {r['column']}: {r['error']}")
+    lines += [f"Failed: {r['row']} / {r['column']}: {r['error']}" for _, r in failed.iterrows()]
     if scale == "smoke" and table.compute is None and len(done):
-        params = [v / 1e6 for v in _metric_values(done, "params")]
-        images = sorted({int(v) for v in _metric_values(done, "train_images")})
-        lo, hi = (f"{min(params):.2f}", f"{max(params):.2f}") if params else ("?", "?")
-        size = f"{lo}M" if lo == hi else f"{lo}-{hi}M"
-        lines.append(
-            f"Smoke scale: {size}-parameter models trained on "
-            f"{', '.join(f'{i:,}' for i in images) or '?'} images of the bundled MNIST digits "
-            "per cell; FIDs from a few hundred samples: differences of a few points are "
-            "within the noise (compare the KID's subset std in the metrics plot), and the "
-            "paper's ImageNet effects need not show at this scale."
-        )
+        lines.append(_smoke_line(done))
     if not table.paper:
-        lines.append("The paper's numbers for this table are not in our text (PAPER.md): dashes.")
+        lines.append("The paper's numbers for this table are not transcribed in sdiff: dashes.")
     return lines
+
+
+def _distinct(done: pd.DataFrame, column: str, kind=int) -> list:
+    return sorted(done[column].dropna().astype(kind).unique().tolist())
+
+
+def _evaluation_lines(done: pd.DataFrame) -> list[str]:
+    """How the FIDs were measured, and over which seeds."""
+    fx = sorted({str(v) for v in done.get("m.feature_extractor", pd.Series()).dropna()})
+    join = ", ".join
+    return [
+        f"FID/KID of {join(map(str, _distinct(done, 'eval_n')))} generated samples against "
+        f"{join(map(str, _distinct(done, 'reference_n')))} training images, "
+        f"{join(map(str, _distinct(done, 'eval_steps')))} DDPM steps, guidance w = "
+        f"{join(f'{x:g}' for x in _distinct(done, 'guidance', float))}; features: "
+        f"{'; '.join(fx) or 'n/a'}.",
+        f"Seeds: {join(map(str, _distinct(done, 'seed')))}; with several, a cell shows mean ± "
+        f"sample standard deviation (n).",
+    ]
+
+
+def _where_line(done: pd.DataFrame) -> str:
+    """Devices, the commits the cells ran from, wall time and date."""
+    devices = sorted({str(d) for d in done["device"].dropna()})
+    shas = sorted({str(s) for s in done["git_sha"].dropna()})
+    dirty = any(sha.endswith(provenance.DIRTY) for sha in shas)
+    wall = float(done["wall_s"].fillna(0).sum())
+    when = max(done["finished_at"].dropna(), default=None)
+    date = time.strftime("%Y-%m-%d", time.localtime(when)) if when else "?"
+    return (
+        f"Device: {', '.join(devices) or '?'}; git {', '.join(shas) or '?'}"
+        f"{' (+dirty: run from uncommitted changes)' if dirty else ''}; "
+        f"{wall / 60:.1f} min of cell wall time; finished {date}."
+    )
+
+
+def _smoke_line(done: pd.DataFrame) -> str:
+    params = [v / 1e6 for v in _metric_values(done, "params")]
+    images = sorted({int(v) for v in _metric_values(done, "train_images")})
+    lo, hi = (f"{min(params):.2f}", f"{max(params):.2f}") if params else ("?", "?")
+    size = f"{lo}M" if lo == hi else f"{lo}-{hi}M"
+    return (
+        f"Smoke scale: {size}-parameter models trained on "
+        f"{', '.join(f'{i:,}' for i in images) or '?'} images of the bundled MNIST digits "
+        "per cell; FIDs from a few hundred samples: differences of a few points are "
+        "within the noise (compare the KID's subset std in the metrics plot), and the "
+        "paper's ImageNet effects need not show at this scale."
+    )
 
 
 def build_table_report(table, scale: str, cells: pd.DataFrame) -> TableReport:
@@ -444,7 +512,7 @@ def build_table_report(table, scale: str, cells: pd.DataFrame) -> TableReport:
     extra: list[tuple[str, pd.DataFrame]] = []
     if table.number == 7:
         frame = _ours_frame(table, cells[cells["table"] == 7])
-        extra.append(("Literature (PAPER.md; not run here)", _literature_frame(table)))
+        extra.append((f"Literature ({LITERATURE_SOURCE}; not run here)", _literature_frame(table)))
     elif table.compute is not None:
         frame = _per_side_frame(table, scale, mine)
     else:
@@ -496,10 +564,7 @@ def plot_curves(cells: pd.DataFrame, path: str | Path, title: str):
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, Path(path))
     return fig
 
 
@@ -523,10 +588,7 @@ def plot_metrics(cells: pd.DataFrame, path: str | Path, title: str, metrics=("fi
         ax.set_title(METRIC_NAMES.get(m, m))
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, Path(path))
     return fig
 
 
@@ -540,7 +602,6 @@ def bench_plots(reports: str | Path, out: str | Path) -> list[Path]:
     reports/gpu/throughput.csv, reports/gpu/attention.csv): training img/s and peak memory
     against resolution per preset and device, attention TFLOP/s against sequence length per
     backend. Returns the files written."""
-    plt = _plt()
     reports, out = Path(reports), Path(out)
     written: list[Path] = []
     tp = _read_csvs([reports / "bench" / "throughput.csv", reports / "gpu" / "throughput.csv"])
@@ -552,59 +613,69 @@ def bench_plots(reports: str | Path, out: str | Path) -> list[Path]:
             ("peak_mem_gib", "peak memory of a training step, GiB", "bench-memory.png"),
         ):
             sub = tp[tp[what].notna()]
-            if not len(sub):
-                continue
-            devices = sorted({str(d) for d in sub["device"]})
-            fig, axes = plt.subplots(
-                1, len(devices), figsize=(5.6 * len(devices), 4.4), squeeze=False
-            )
-            for ax, dev in zip(axes[0], devices, strict=True):
-                g_dev = sub[sub["device"].astype(str) == dev]
-                keys = ["preset", "compiled", "backend", "batch"]
-                for i, (key, g) in enumerate(g_dev.groupby(keys, sort=True)):
-                    g = g.sort_values("resolution").drop_duplicates("resolution", keep="last")
-                    preset, comp, backend, batch = key
-                    label = f"{preset} b{batch} {'compiled' if comp else 'eager'}"
-                    label += f" {backend}" if backend != "auto" else ""
-                    style = ("-", "--", ":", "-.")[(i // 10) % 4]
-                    ax.plot(g["resolution"], g[what], marker="o", ls=style, label=label)
-                ax.set_xscale("log", base=2)
-                if what == "train_img_s":
-                    ax.set_yscale("log")
-                ax.set_xlabel("resolution (px)")
-                ax.set_title(dev, fontsize=9)
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=6)
-            axes[0][0].set_ylabel(ylabel)
-            fig.tight_layout()
-            out.mkdir(parents=True, exist_ok=True)
-            fig.savefig(out / name, dpi=110)
-            plt.close(fig)
-            written.append(out / name)
+            if len(sub):
+                written.append(_throughput_plot(sub, what, ylabel, out / name))
     at = _read_csvs([reports / "gpu" / "attention.csv"])
     if len(at) and "tflops" in at.columns:
-        at = at[at["status"] == "ok"]
-        panels = sorted({(m, int(d)) for m, d in zip(at["mode"], at["head_dim"], strict=True)})
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.8), squeeze=False)
-        for ax, (mode, d) in zip(axes[0], panels, strict=True):
-            g = at[(at["mode"] == mode) & (at["head_dim"] == d)]
-            for backend, gb in g.groupby("backend", sort=True):
-                gb = gb.sort_values("seq_len")
-                ax.plot(gb["seq_len"], gb["tflops"], marker="o", label=backend)
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"{mode}, head dim {d}", fontsize=9)
-            ax.set_xlabel("sequence length")
-            ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("TFLOP/s (bf16)")
-        axes[0][-1].legend(fontsize=7)
-        device = str(at["device"].iloc[0]) if "device" in at.columns and len(at) else ""
-        fig.suptitle(f"attention, {device}", fontsize=10)
-        fig.tight_layout()
-        out.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out / "bench-attention.png", dpi=110)
-        plt.close(fig)
-        written.append(out / "bench-attention.png")
+        written.append(_attention_plot(at[at["status"] == "ok"], out / "bench-attention.png"))
     return written
+
+
+def _throughput_plot(rows: pd.DataFrame, what: str, ylabel: str, path: Path) -> Path:
+    """``what`` against resolution, one panel per device, one line per preset, batch,
+    compilation and attention backend."""
+    plt = _plt()
+    devices = sorted({str(d) for d in rows["device"]})
+    fig, axes = plt.subplots(1, len(devices), figsize=(5.6 * len(devices), 4.4), squeeze=False)
+    for ax, dev in zip(axes[0], devices, strict=True):
+        on_device = rows[rows["device"].astype(str) == dev]
+        keys = ["preset", "compiled", "backend", "batch"]
+        for i, (key, g) in enumerate(on_device.groupby(keys, sort=True)):
+            g = g.sort_values("resolution").drop_duplicates("resolution", keep="last")
+            preset, compiled, backend, batch = key
+            label = f"{preset} b{batch} {'compiled' if compiled else 'eager'}"
+            label += f" {backend}" if backend != "auto" else ""
+            style = ("-", "--", ":", "-.")[(i // 10) % 4]
+            ax.plot(g["resolution"], g[what], marker="o", ls=style, label=label)
+        ax.set_xscale("log", base=2)
+        if what == "train_img_s":
+            ax.set_yscale("log")
+        ax.set_xlabel("resolution (px)")
+        ax.set_title(dev, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel(ylabel)
+    return _save(fig, path)
+
+
+def _attention_plot(rows: pd.DataFrame, path: Path) -> Path:
+    """TFLOP/s against sequence length, one panel per mode and head dim, one line per
+    backend."""
+    plt = _plt()
+    panels = sorted({(m, int(d)) for m, d in zip(rows["mode"], rows["head_dim"], strict=True)})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.8), squeeze=False)
+    for ax, (mode, d) in zip(axes[0], panels, strict=True):
+        g = rows[(rows["mode"] == mode) & (rows["head_dim"] == d)]
+        for backend, gb in g.groupby("backend", sort=True):
+            gb = gb.sort_values("seq_len")
+            ax.plot(gb["seq_len"], gb["tflops"], marker="o", label=backend)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{mode}, head dim {d}", fontsize=9)
+        ax.set_xlabel("sequence length")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("TFLOP/s (bf16)")
+    axes[0][-1].legend(fontsize=7)
+    device = str(rows["device"].iloc[0]) if "device" in rows.columns and len(rows) else ""
+    fig.suptitle(f"attention, {device}", fontsize=10)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -630,72 +701,105 @@ def _copy_grids(report: TableReport, out: Path) -> list[tuple[str, Path]]:
     return grids
 
 
-def write_table_report(report: TableReport, out: str | Path) -> dict[str, Path]:
+def write_table_report(
+    report: TableReport, out: str | Path, *, allow_dirty: bool = False
+) -> dict[str, Path]:
     """Markdown, LaTeX, plots and sample grids of one table report under ``out``; returns the
-    paths written by kind."""
+    paths written by kind. The repository's committed ``reports/`` and a tree with
+    uncommitted changes: a ValueError unless ``allow_dirty`` (``generated_from``)."""
     out = Path(out)
-    t, scale = report.table, report.scale
-    stem = f"table{t.number}-{scale}"
-    paths: dict[str, Path] = {}
-    title = f"Table {t.number}: {t.title}"
-    plots = []
-    if t.compute is None:
-        curve = out / "plots" / f"{stem}-curves.png"
-        if plot_curves(report.cells, curve, f"{title} — {scale}: training loss") is not None:
-            plots.append(("training loss per cell", curve))
-            paths["curves"] = curve
-        bars = out / "plots" / f"{stem}-metrics.png"
-        if plot_metrics(report.cells, bars, f"Table {t.number} ({scale})") is not None:
-            plots.append(("FID / KID per cell", bars))
-            paths["metrics"] = bars
-    grids = _copy_grids(report, out) if t.compute is None else []
+    origin = generated_from(out, allow_dirty)
+    stem = f"table{report.table.number}-{report.scale}"
+    paths = _table_plots(report, out, stem)
+    grids = _copy_grids(report, out) if report.table.compute is None else []
     if grids:
         paths["samples"] = grids[0][1].parent
+    figures = [(caption, paths[kind]) for kind, caption in PLOTS if kind in paths]
     tables_dir = out / "tables"
     tables_dir.mkdir(parents=True, exist_ok=True)
+    paths["markdown"] = atomic_write_text(
+        tables_dir / f"{stem}.md", _markdown_text(report, origin, figures, grids, out)
+    )
+    paths["latex"] = atomic_write_text(tables_dir / f"{stem}.tex", _latex_text(report, origin))
+    return paths
 
+
+PLOTS = (("curves", "training loss per cell"), ("metrics", "FID / KID per cell"))
+
+
+def _title(report: TableReport) -> str:
+    return f"Table {report.table.number}: {report.table.title}"
+
+
+def _table_plots(report: TableReport, out: Path, stem: str) -> dict[str, Path]:
+    """The training curves and the metrics bars of a trained table (none for a computed one)."""
+    if report.table.compute is not None:
+        return {}
+    paths = {}
+    curves = out / "plots" / f"{stem}-curves.png"
+    title = f"{_title(report)} — {report.scale}: training loss"
+    if plot_curves(report.cells, curves, title) is not None:
+        paths["curves"] = curves
+    bars = out / "plots" / f"{stem}-metrics.png"
+    if (
+        plot_metrics(report.cells, bars, f"Table {report.table.number} ({report.scale})")
+        is not None
+    ):
+        paths["metrics"] = bars
+    return paths
+
+
+def _markdown_text(report: TableReport, origin: str, figures, grids, out: Path) -> str:
     def rel(p: Path) -> str:
         return Path("..", p.relative_to(out)).as_posix()
 
-    md = [f"# {title}", "", *[f"{line}  " for line in report.header], ""]
-    if t.notes:
-        md += [f"Notes: {t.notes}", ""]
-    if t.number == 7:
+    date = time.strftime("%Y-%m-%d")
+    md = [f"# {_title(report)}", "", f"Generated by `sdiff report` on {date} {origin}.  "]
+    md += [*[f"{line}  " for line in report.header], ""]
+    if report.table.notes:
+        md += [f"Notes: {report.table.notes}", ""]
+    if report.table.number == 7:
         md += ["## Ours (by scale; not comparable with the literature rows below)", ""]
     md.append(to_markdown(report.frame))
     for caption, frame in report.extra:
         md += [f"## {caption}", "", to_markdown(frame)]
-    if plots:
-        md += ["## Plots", ""] + [f"![{c}]({rel(p)})" for c, p in plots] + [""]
+    if figures:
+        md += ["## Plots", ""] + [f"![{c}]({rel(p)})" for c, p in figures] + [""]
     if grids:
         md += ["## Sample grids (EMA model, end of training)", ""]
         md += [f"**{c}**  \n![{c}]({rel(p)})\n" for c, p in grids]
-    paths["markdown"] = tables_dir / f"{stem}.md"
-    paths["markdown"].write_text("\n".join(md))
+    return "\n".join(md)
+
+
+def _latex_text(report: TableReport, origin: str) -> str:
+    number, scale, title = report.table.number, report.scale, _title(report)
+    date = time.strftime("%Y-%m-%d")
+    caption = f"{title} ({scale} scale; ours beside the paper's)"
     tex = [
-        f"% {title} ({scale}); generated by `sdiff report` on {time.strftime('%Y-%m-%d')}",
-        to_latex(
-            report.frame,
-            f"{title} ({scale} scale; ours beside the paper's)",
-            f"tab:table{t.number}-{scale}",
-        ),
+        f"% {title} ({scale}); generated by `sdiff report` on {date} {origin}",
+        to_latex(report.frame, caption, f"tab:table{number}-{scale}"),
     ]
     for caption, frame in report.extra:
-        tex.append(to_latex(frame, caption, f"tab:table{t.number}-{scale}-{_slug(caption)}"))
-    paths["latex"] = tables_dir / f"{stem}.tex"
-    paths["latex"].write_text("\n".join(tex))
-    return paths
+        tex.append(to_latex(frame, caption, f"tab:table{number}-{scale}-{_slug(caption)}"))
+    return "\n".join(tex)
 
 
-def write_index(out: str | Path, entries: list[tuple[str, dict[str, Path]]], extra: list[Path]):
+def write_index(
+    out: str | Path,
+    entries: list[tuple[str, dict[str, Path]]],
+    extra: list[Path],
+    *,
+    allow_dirty: bool = False,
+) -> Path:
     """reports/index.md: every table report, plot and benchmark file under ``out``."""
     out = Path(out)
+    origin = generated_from(out, allow_dirty)
     lines = [
         "# sdiff reports",
         "",
-        f"Generated by `sdiff report --all` on {time.strftime('%Y-%m-%d')}. Numbers are ours at "
-        "the scale named in each table (smoke: CPU, bundled MNIST digits, minutes; not "
-        "comparable with the paper's ImageNet numbers).",
+        f"Generated by `sdiff report --all` on {time.strftime('%Y-%m-%d')} {origin}. Numbers "
+        "are ours at the scale named in each table (smoke: CPU, bundled MNIST digits, minutes; "
+        "not comparable with the paper's ImageNet numbers).",
         "",
         "## Tables",
         "",
@@ -706,9 +810,7 @@ def write_index(out: str | Path, entries: list[tuple[str, dict[str, Path]]], ext
     lines += ["", "## Benchmarks", ""]
     for p in extra:
         lines.append(f"- [{p.relative_to(out).as_posix()}]({p.relative_to(out).as_posix()})")
-    path = out / "index.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write_text(out / "index.md", "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -727,70 +829,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--bench", default=None, help="folder holding bench/ and gpu/ CSVs "
                    "(default: --out)")  # fmt: skip
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="write into the repository's committed reports/ from a tree with "
+                   "uncommitted changes (the files say so)")  # fmt: skip
     return p
 
 
 def report_main(argv: list[str] | None = None) -> int:
-    from sdiff.ablations import TABLES, get_table
-
+    """``sdiff report``: 0 when every report was written; 1 when ``--all`` skipped a table; 2
+    for a usage error (a missing or foreign store, an unknown table, cells that differ beyond
+    their seed, a dirty tree writing into the committed reports/)."""
     args = build_parser().parse_args(argv)
     if bool(args.table) == bool(args.all):
         print("sdiff report: give a TABLE or --all (not both)", file=sys.stderr)
         return 2
-    out = Path(args.out)
     try:
-        if args.all:
-            stores = [_store_path(s) for s in args.store] if args.store else find_stores(args.runs)
-            cells = load_cells(stores) if stores else pd.DataFrame()
-            entries, skipped = [], 0
-            for number, table in sorted(TABLES.items()):
-                for scale in SCALES if args.scale == "all" else [args.scale]:
-                    have = (
-                        len(cells)
-                        and ((cells["table"] == number) & (cells["scale"] == scale)).any()
-                    )
-                    if not have:
-                        continue
-                    try:
-                        report = build_table_report(table, scale, cells)
-                    except ValueError as err:  # one table's problem does not stop the others
-                        print(f"sdiff report: skipped: {err}", file=sys.stderr)
-                        skipped += 1
-                        continue
-                    paths = write_table_report(report, out)
-                    entries.append((f"Table {number} ({table.name}), {scale}", paths))
-            extra = bench_plots(args.bench or out, out / "plots")
-            for f in ("gpu/README.md", "bench/throughput.csv", "gpu/attention.csv",
-                      "gpu/throughput.csv"):  # fmt: skip
-                if (out / f).is_file():
-                    extra.append(out / f)
-            index = write_index(out, entries, extra)
-            missing = sorted(set(TABLES) - {int(e[0].split()[1]) for e in entries})
-            print(f"{len(entries)} table reports, {len(extra)} benchmark files; index: "
-                  f"{index.resolve()}")  # fmt: skip
-            if missing:
-                print(f"no stores for table(s) {missing} under {args.runs}")
-            return 1 if skipped else 0
-        table = get_table(args.table)
-        scales = SCALES if args.scale == "all" else [args.scale]
-        written = []
-        for scale in scales:
-            stores = args.store or [default_out(table.number, scale)]
-            if args.scale == "all" and not args.store and not _store_path(stores[0]).exists():
-                continue
-            cells = load_cells(stores)
-            report = build_table_report(table, scale, cells)
-            paths = write_table_report(report, out)
-            written.append(paths["markdown"])
-            print(to_markdown(report.frame))
-        if not written:
-            raise ValueError(f"no stores found for table {table.number} under {DEFAULT_ROOT}")
-        for p in written:
-            print(f"report: {p.resolve()}")
-        return 0
+        generated_from(args.out, args.allow_dirty)  # refuse before any work
+        return _report_all(args) if args.all else _report_tables(args)
     except ValueError as err:
         print(f"sdiff report: {err}", file=sys.stderr)
         return 2
+
+
+def _report_all(args: argparse.Namespace) -> int:
+    """Every table and scale found in the stores, the benchmark plots, the index."""
+    from sdiff.ablations import TABLES
+
+    out = Path(args.out)
+    stores = [_store_path(s) for s in args.store] if args.store else find_stores(args.runs)
+    cells = load_cells(stores) if stores else pd.DataFrame()
+    entries, skipped = [], 0
+    for number, table in sorted(TABLES.items()):
+        for scale in SCALES if args.scale == "all" else [args.scale]:
+            if not len(cells) or not ((cells["table"] == number) & (cells["scale"] == scale)).any():
+                continue
+            try:
+                report = build_table_report(table, scale, cells)
+            except ValueError as err:  # one table's problem does not stop the others
+                print(f"sdiff report: skipped: {err}", file=sys.stderr)
+                skipped += 1
+                continue
+            paths = write_table_report(report, out, allow_dirty=args.allow_dirty)
+            entries.append((f"Table {number} ({table.name}), {scale}", paths))
+    extra = bench_plots(args.bench or out, out / "plots")
+    for f in ("gpu/README.md", "bench/throughput.csv", "gpu/attention.csv", "gpu/throughput.csv"):
+        if (out / f).is_file():
+            extra.append(out / f)
+    index = write_index(out, entries, extra, allow_dirty=args.allow_dirty)
+    missing = sorted(set(TABLES) - {int(e[0].split()[1]) for e in entries})
+    print(f"{len(entries)} table reports, {len(extra)} benchmark files; index: {index.resolve()}")
+    if missing:
+        print(f"no stores for table(s) {missing} under {args.runs}")
+    return 1 if skipped else 0
+
+
+def _report_tables(args: argparse.Namespace) -> int:
+    """One table at one scale (or every scale with a store)."""
+    from sdiff.ablations import get_table
+
+    table = get_table(args.table)
+    written = []
+    for scale in SCALES if args.scale == "all" else [args.scale]:
+        stores = args.store or [default_out(table.number, scale)]
+        if args.scale == "all" and not args.store and not _store_path(stores[0]).exists():
+            continue
+        report = build_table_report(table, scale, load_cells(stores))
+        paths = write_table_report(report, args.out, allow_dirty=args.allow_dirty)
+        written.append(paths["markdown"])
+        print(to_markdown(report.frame))
+    if not written:
+        raise ValueError(f"no stores found for table {table.number} under {DEFAULT_ROOT}")
+    for p in written:
+        print(f"report: {p.resolve()}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 
 import sdiff.ablations.cell as cell_mod
 import sdiff.ablations.store as store_mod
-from sdiff.ablations.grid import Axis, EvalSpec, Scale, Table, expand
+from sdiff.ablations.grid import Axis, Scale, Table, expand
 from sdiff.ablations.runner import ablate_main, dry_run, run_grid
 from sdiff.ablations.store import (
     SCHEMA_VERSION,
@@ -34,12 +34,13 @@ from sdiff.ablations.store import (
     owner_alive,
     retire_owner,
 )
-from sdiff.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
-from sdiff.config import RunConfig, TrainConfig, config_hash, get_run_preset
-from sdiff.data import DataConfig
-from sdiff.presets import build_model
-from sdiff.train import Trainer
-from sdiff.uvit import UViTConfig
+from sdiff.data.datasets import DataConfig
+from sdiff.eval.spec import EvalSpec
+from sdiff.models.presets import build_model
+from sdiff.models.uvit import UViTConfig
+from sdiff.training.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+from sdiff.training.config import RunConfig, TrainConfig, config_hash, get_run_preset
+from sdiff.training.trainer import Trainer
 
 TESTS = Path(__file__).resolve().parent
 
@@ -112,10 +113,11 @@ TINY = Table(
     {"smoke": Scale(tiny_base, rows=(Axis("a"),),
                     eval=EvalSpec(n=8, reference_n=8, steps=2, metrics=("kid",)))},
 )  # fmt: skip
-# the same with the default evaluation (FID and KID): half a minute of evaluation to kill
+# the same with FID and KID: half a minute of evaluation to kill
 TINY_FID = replace(
     TINY, number=104, name="tiny-fid",
-    scales={"smoke": replace(TINY.scales["smoke"], eval=EvalSpec(n=8, reference_n=8, steps=2))},
+    scales={"smoke": replace(TINY.scales["smoke"],
+                             eval=EvalSpec(n=8, reference_n=8, steps=2, metrics=("fid", "kid")))},
 )  # fmt: skip
 FAKE_TABLES = {t.number: t for t in (COUNT, SEEDS, TINY, TINY_FID)}
 
@@ -169,11 +171,23 @@ def test_every_change_gives_a_new_hash_and_equal_configs_the_same():
     assert expand(TINY, "smoke", overrides=["train.lr=0.001"])[0].hash == cell.hash
     assert expand(TINY, "smoke", overrides=["train.lr=1e-3"])[0].hash == cell.hash
     assert expand(TINY, "smoke", overrides=["train.lr=0.002"])[0].hash != cell.hash
-    # the evaluation settings
+    # the evaluation settings that decide the numbers; not those of where and how fast
     scale = TINY.scales["smoke"]
-    for change in ({"n": 9}, {"steps": 3}, {"reference_n": 16}, {"metrics": ("kid", "fid")}):
+
+    def with_eval(**change):
         other = replace(TINY, scales={"smoke": replace(scale, eval=replace(scale.eval, **change))})
-        assert expand(other, "smoke")[0].hash != cell.hash, change
+        return expand(other, "smoke")[0]
+
+    for change in ({"n": 9}, {"steps": 3}, {"reference_n": 16}, {"metrics": ("kid", "fid")},
+                   {"sampler": "ddim"}, {"seed": 1}, {"weights": "fid-helper"},
+                   {"guidance_interval": (-5.0, 5.0)}, {"kid_subsets": 10}):  # fmt: skip
+        assert with_eval(**change).hash != cell.hash, change
+    for change in ({"device": "cuda"}, {"batch_size": 7}, {"eval_batch_size": 7},
+                   {"num_workers": 2}, {"compile": True}):  # fmt: skip
+        assert with_eval(**change).hash == cell.hash, change
+    # a field at its default is left out of the spec, so that adding one keeps old hashes
+    assert set(cell.spec["eval"]) == {"n", "reference_n", "steps", "guidance", "metrics"}
+    assert with_eval(sampler="ddim").spec["eval"]["sampler"] == "ddim"
 
     # the base config
     def base2():
@@ -320,7 +334,7 @@ def test_full_disk_on_finish_is_reported_and_loses_nothing(
 
         monkeypatch.setattr(store_mod._Connection, "execute", execute)
     capsys.readouterr()
-    assert ablate_main(argv, tables=FAKE_TABLES) == 4  # sdiff.errors.EXIT_IO: a full disk
+    assert ablate_main(argv, tables=FAKE_TABLES) == 4  # sdiff.util.errors.EXIT_IO: a full disk
     err = capsys.readouterr().err
     assert f"results store {out / 'results.sqlite'}: recording the result failed" in err
     assert "disk is full" in err and "results recorded earlier are intact" in err

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdiff.analytic import GaussianMixture
+from sdiff.diffusion.analytic import GaussianMixture
 
 MIX = GaussianMixture.create([0.2, 0.5, 0.3], [-0.6, 0.1, 0.7], [0.05, 0.3, 0.12])
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import sdiff
-import sdiff.attention_backends as ab
-from sdiff.attention_backends import attention, select_backend
+import sdiff.models.attention as ab
+from sdiff.models.attention import attention, select_backend
 
 GEN = torch.Generator().manual_seed(0)
 

@@ -1,23 +1,11 @@
 """The attention benchmark script runs end to end on CPU at toy sizes and writes its rows."""
 
 import csv
-import importlib.util
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_attention", ROOT / "bench" / "bench_attention.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from sdiff.bench import bench_attention as bench
 
 
 def test_bench_attention_cpu_smoke(tmp_path):
-    bench = load_bench()
     out, md = tmp_path / "a.csv", tmp_path / "a.md"
     args = ["--device", "cpu", "--dtype", "float32", "--head-dims", "32", "--lengths", "64",
             "--tokens", "128", "--width", "64", "--backends", "triton", "sdpa-math",
@@ -40,7 +28,6 @@ def test_bench_attention_cpu_smoke(tmp_path):
 
 
 def test_unavailable_backend_is_a_row_not_a_crash(tmp_path):
-    bench = load_bench()
     # head dim 24 is not one the triton kernel supports
     row = bench.bench_one("triton", "fwd", 1, 1, 16, 24, __import__("torch").float32, "cpu")
     assert row["tflops"] is None and row["status"].startswith("unavailable")

@@ -1,6 +1,6 @@
-"""bench/compare.py: the comparison rules on synthetic pytest-benchmark files, the package
-assembly on a fake tree, and whole runs on fake git repositories (one of them made slower, which
-the gate must fail) and on this repository (BASE=HEAD, two benchmarks)."""
+"""bench/compare.py: the comparison rules on synthetic pytest-benchmark files, and whole runs
+on fake git repositories (one of them made slower, which the gate must fail) and on this
+repository (BASE=HEAD, two benchmarks)."""
 
 from __future__ import annotations
 
@@ -104,35 +104,6 @@ def write(path: Path, text: str = "") -> None:
     path.write_text(text)
 
 
-def test_assemble_maps_folders_as_package_dir_does(tmp_path):
-    tree = tmp_path / "tree"
-    write(tree / "sdiff/__init__.py", "X = 1\n")
-    write(tree / "sdiff/models/unet.py")
-    write(tree / "kernels/__init__.py")
-    write(tree / "kernels/attention.py", "K = 2\n")
-    write(tree / "bench/__init__.py")
-    write(tree / "bench/train_step.py")
-    write(tree / "bench/asv/results/vm/r.json", "{}")  # asv output: not part of the package
-    write(tree / "sdiff/__pycache__/x.cpython-311.pyc", "stale")
-    write(tree / "tests/test_x.py")  # not a package folder
-    pkg = cmp.assemble(tree, tmp_path / "site")
-    assert pkg == tmp_path / "site/sdiff"
-    files = sorted(p.relative_to(tmp_path / "site").as_posix()
-                   for p in (tmp_path / "site").rglob("*") if p.is_file())  # fmt: skip
-    assert files == ["sdiff/__init__.py", "sdiff/bench/__init__.py", "sdiff/bench/train_step.py",
-                     "sdiff/kernels/__init__.py", "sdiff/kernels/attention.py",
-                     "sdiff/models/unet.py"]  # fmt: skip
-
-
-def test_assemble_skips_missing_folders_and_rejects_a_tree_without_sdiff(tmp_path):
-    write(tmp_path / "old/sdiff/__init__.py")
-    cmp.assemble(tmp_path / "old", tmp_path / "site")
-    assert [p.name for p in (tmp_path / "site/sdiff").iterdir()] == ["__init__.py"]
-    write(tmp_path / "empty/README.md")
-    with pytest.raises(cmp.BadInput, match=r"no sdiff/__init__\.py"):
-        cmp.assemble(tmp_path / "empty", tmp_path / "site2")
-
-
 # -- whole runs on fake repositories -----------------------------------------------------------
 
 FAKE_PERF = """\
@@ -175,10 +146,11 @@ def test_a_slower_working_tree_fails_the_gate(tmp_path):
     assert "1 of 1 benchmarks regressed (threshold 10%)" in proc.stdout
     record = json.loads((out / "compare.json").read_text())
     assert record["rows"][0]["ratio"] > 2  # 30 ms against 10 ms
-    # each side imported its own copy, never the other's nor the editable install's
+    # each side imported its own checkout, never the other's nor the editable install's
     base, head = (json.loads((out / f"{s}-r0.json").read_text())["sdiff_file"]
                   for s in ("base", "head"))  # fmt: skip
-    assert "base-site" in base and "head-site" in head
+    assert Path(base).parts[-3:] == ("base-tree", "sdiff", "__init__.py")
+    assert Path(head) == repo / "sdiff" / "__init__.py"
 
 
 def test_an_unchanged_tree_passes(tmp_path):
@@ -236,7 +208,10 @@ def test_this_repository_against_its_head(tmp_path):
     rows = {r["name"].split("::")[-1]: r for r in record["rows"]}
     assert set(rows) == {"test_attention[sdpa-256]", "test_forward_uvit_digits"}
     assert all(r["verdict"] in ("ok", "faster", "SLOWER") and r["ratio"] > 0 for r in rows.values())
-    for side in ("base", "head"):
+    for side, tree in (("base", "base-tree"), ("head", ROOT.name)):
         data = json.loads((out / f"{side}-r0.json").read_text())
-        assert Path(data["sdiff_file"]).parts[-3:] == (f"{side}-site", "sdiff", "__init__.py")
+        # sdiff from the side's checkout, and sdiff.kernels from its kernels/ folder
+        assert Path(data["sdiff_file"]).parts[-3:] == (tree, "sdiff", "__init__.py")
+        kernels = [Path(f) for f in data["sdiff_modules"] if Path(f).parent.name == "kernels"]
+        assert kernels and all(f.parent.parent.name == tree for f in kernels)
         assert data["sdiff_run"]["device"] in ("cpu", "cuda")

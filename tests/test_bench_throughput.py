@@ -6,7 +6,8 @@ import pytest
 
 from sdiff.bench.throughput import at_resolution, measure, peak_for_name
 from sdiff.cli import main
-from sdiff.presets import get_preset
+from sdiff.models.presets import get_preset
+from sdiff.util.provenance import device_label
 
 
 def test_bench_prints_a_table_and_appends_rows(tmp_path, capsys):
@@ -25,6 +26,7 @@ def test_bench_prints_a_table_and_appends_rows(tmp_path, capsys):
         assert float(r["sample_img_s"]) == pytest.approx(float(r["sample_evals_s"]) / 8, rel=1e-3)
         assert r["mfu"] == "" and r["peak_mem_gib"] == ""  # CPU: no peak, no CUDA allocator
         assert r["git_sha"] and r["torch"] and r["date"]
+        assert r["device"] == device_label("cpu")  # sdiff.util.provenance's stamp
     assert main(args) == 0  # appends
     assert len(list(csv.DictReader(open(out)))) == 4
 
@@ -32,7 +34,7 @@ def test_bench_prints_a_table_and_appends_rows(tmp_path, capsys):
 def test_training_flops_follow_the_mac_count():
     row = measure("uvit-tiny-32", 32, 2, compiled=False, device=__import__("torch").device("cpu"),
                   warmup=1, steps=2, sample_steps=4)  # fmt: skip
-    from sdiff.flops import model_stats
+    from sdiff.models.flops import model_stats
 
     macs = model_stats(get_preset("uvit-tiny-32")).macs
     assert row["train_tflops"] == pytest.approx(

@@ -46,3 +46,14 @@ def test_module_entry_point():
         [sys.executable, "-m", "sdiff", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("sdiff ")
+
+
+def test_the_parsers_names_are_the_registries():
+    """The parser keeps the schedule and sampler names itself (it imports no torch): they must
+    be the registries' names."""
+    from sdiff.cli import SAMPLER_NAMES, SCHEDULE_NAMES
+    from sdiff.diffusion.samplers import SAMPLERS
+    from sdiff.diffusion.schedules import SCHEDULES
+
+    assert SCHEDULE_NAMES == tuple(sorted(SCHEDULES))
+    assert SAMPLER_NAMES == tuple(sorted(SAMPLERS))

@@ -6,10 +6,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sdiff.compile import compile_enabled, maybe_compile
-from sdiff.flops import example_inputs
-from sdiff.presets import build_model, get_preset
-from sdiff.sample import SampleOptions, generate
+from sdiff.eval.sample import generate
+from sdiff.eval.spec import EvalSpec
+from sdiff.models.compile import compile_enabled, maybe_compile
+from sdiff.models.flops import example_inputs
+from sdiff.models.presets import build_model, get_preset
 
 BACKENDS = ["sdpa", "math", "triton"]  # triton runs in the interpreter on CPU (conftest.py)
 
@@ -63,11 +64,11 @@ def test_environment_switch(monkeypatch):
 def test_sampler_with_compiled_denoiser_matches_eager():
     """Inductor on CPU (slow): the sampler step with a compiled denoiser gives the same images."""
     torch._dynamo.reset()
-    from sdiff.config import RunConfig
-    from sdiff.data import DataConfig
+    from sdiff.data.datasets import DataConfig
+    from sdiff.training.config import RunConfig
 
     cfg, model, _ = tiny("sdpa")
     run = RunConfig(model=cfg, data=DataConfig(name="photos", resolution=32, channels=3))
-    eager, _ = generate(model, run, SampleOptions(n=4, steps=4))
-    compiled, _ = generate(model, run, SampleOptions(n=4, steps=4, compile=True))
+    eager, _ = generate(model, run, EvalSpec(n=4, steps=4))
+    compiled, _ = generate(model, run, EvalSpec(n=4, steps=4, compile=True))
     assert (eager.int() - compiled.int()).abs().max() <= 1  # uint8 images, rounding at most

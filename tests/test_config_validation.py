@@ -18,9 +18,16 @@ from typing import Any
 
 import pytest
 
-from sdiff.ablations.grid import EVAL_SPEC_RULES, EvalSpec
 from sdiff.cli import main
-from sdiff.config import (
+from sdiff.data.datasets import DATA_RULES, DataConfig
+from sdiff.diffusion.process import DIFFUSION_RULES, DiffusionConfig
+from sdiff.diffusion.schedules import SCHEDULE_RULES, ScheduleConfig
+from sdiff.eval.spec import EVAL_RULES, EvalSpec
+from sdiff.models.presets import get_preset
+from sdiff.models.text import TEXT_RULES, TextConfig
+from sdiff.models.unet import UNET_RULES, UNetConfig
+from sdiff.models.uvit import UVIT_RULES, UViTConfig
+from sdiff.training.config import (
     RUN_PRESETS,
     TRAIN_RULES,
     RunConfig,
@@ -28,16 +35,7 @@ from sdiff.config import (
     apply_overrides,
     to_dict,
 )
-from sdiff.data import DATA_RULES, DataConfig
-from sdiff.diffusion import DIFFUSION_RULES, DiffusionConfig
-from sdiff.evaluate import EVAL_RULES, EvalConfig
-from sdiff.presets import get_preset
-from sdiff.sample import SAMPLE_RULES, SampleOptions
-from sdiff.schedules import SCHEDULE_RULES, ScheduleConfig
-from sdiff.text import TEXT_RULES, TextConfig
-from sdiff.unet import UNET_RULES, UNetConfig
-from sdiff.uvit import UVIT_RULES, UViTConfig
-from sdiff.validation import Range, check_fields
+from sdiff.util.validation import Range, check_fields
 
 # ------------------------------------------------------------------------------------------
 # The defects, through the CLI.
@@ -168,9 +166,7 @@ TABLES: dict[type, tuple[dict[str, Range], str, Any]] = {
     TextConfig: (TEXT_RULES, "text", TextConfig()),
     UNetConfig: (UNET_RULES, "model", get_preset("unet-tiny-32")),
     UViTConfig: (UVIT_RULES, "model", get_preset("uvit-tiny-32")),
-    EvalConfig: (EVAL_RULES, "EvalConfig", EvalConfig()),
-    EvalSpec: (EVAL_SPEC_RULES, "eval", EvalSpec()),
-    SampleOptions: (SAMPLE_RULES, "sampling", SampleOptions()),
+    EvalSpec: (EVAL_RULES, "eval", EvalSpec()),
 }
 
 
@@ -187,7 +183,7 @@ def test_every_config_dataclass_has_a_table():
     reachable = _reachable_dataclasses(RunConfig)
     assert {UNetConfig, UViTConfig, ScheduleConfig} <= reachable  # both model kinds, nesting
     assert _numeric_fields(RunConfig) == {}
-    assert reachable - {RunConfig} | {EvalConfig, EvalSpec, SampleOptions} == set(TABLES)
+    assert reachable - {RunConfig} | {EvalSpec} == set(TABLES)
 
 
 @pytest.mark.parametrize("cls", list(TABLES), ids=lambda c: c.__name__)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdiff.data import (
+from sdiff.data.datasets import (
     DataConfig,
     ImageFolderDataset,
     MNISTDigits,

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from sdiff.cli import main
-from sdiff.data import DataConfig, build_dataset
-from sdiff.images import save_folder, to_uint8
+from sdiff.data.datasets import DataConfig, build_dataset
+from sdiff.data.images import save_folder, to_uint8
 
 TINY = ["--set", "train.total_images=48", "train.batch_size=16", "train.sample_every_images=0",
         "--eval-n", "12", "--reference-n", "12", "--steps", "2", "--no-progress"]  # fmt: skip

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdiff.analytic import GaussianMixture
-from sdiff.diffusion import (
+from sdiff.diffusion.analytic import GaussianMixture
+from sdiff.diffusion.process import (
     PREDICTIONS,
     WEIGHTINGS,
     DiffusionConfig,
@@ -22,7 +22,7 @@ from sdiff.diffusion import (
     sample_time,
     target,
 )
-from sdiff.schedules import ScheduleConfig, dlogsnr_dt, get_schedule
+from sdiff.diffusion.schedules import ScheduleConfig, dlogsnr_dt, get_schedule
 
 GEN = torch.Generator().manual_seed(1234)
 
@@ -72,7 +72,8 @@ def test_conversions_are_exact_in_float64(source, dest, lam):
 
 
 def hand_eps_weight(weighting, lam, dlam, bias):
-    """w(lambda) on the eps-space squared error, from the formulas of PAPER.md."""
+    """w(lambda) on the eps-space squared error, from the formulas of simple diffusion (arXiv
+    2301.11093) and SiD2 (arXiv 2410.19324)."""
     a, s = np_alpha_sigma(lam)
     if weighting == "eps":
         return np.ones_like(lam)

@@ -22,10 +22,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sdiff import evaluate as ev
-from sdiff import inception_weights as iw
-from sdiff.evaluate import (
-    EvalConfig,
+from sdiff.eval import inception as iw
+from sdiff.eval import metrics as ev
+from sdiff.eval.metrics import (
     ReferenceStats,
     evaluate,
     fid_from_stats,
@@ -33,8 +32,9 @@ from sdiff.evaluate import (
     metrics_from_features,
     save_reference_stats,
 )
+from sdiff.eval.spec import EvalSpec
 
-OFFLINE = EvalConfig(weights="fid-helper", batch_size=32)
+OFFLINE = EvalSpec(weights="fid-helper", eval_batch_size=32)
 SIGMAS = (8.0, 32.0, 128.0)  # Gaussian noise std on the 0..255 scale
 N_FAST = 20
 
@@ -226,7 +226,7 @@ def test_converted_weights_match_torch_fidelity_weights_when_cached():
     if not iw.torch_fidelity_weights_file().is_file():
         pytest.skip(f"torch-fidelity's weights are not cached ({iw.torch_fidelity_weights_file()})")
     images = mnist_digits(4).repeat(1, 3, 1, 1)
-    theirs = inception_features(images, EvalConfig(weights="torch-fidelity"))
+    theirs = inception_features(images, EvalSpec(weights="torch-fidelity"))
     ours = inception_features(images, OFFLINE)
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4 * np.abs(theirs).max())
 
@@ -340,7 +340,7 @@ def test_npz_stats_give_the_same_fid_and_say_why_kid_is_missing(
     assert "only mu/sigma" in from_npz["unavailable"]["kid"]
     # saved with features, KID and precision/recall come back
     with_features = ReferenceStats.load(ref.save(tmp_path / "ref_feats.npz"))
-    kid_prc = EvalConfig(metrics=("kid", "prc"), weights="fid-helper")
+    kid_prc = EvalSpec(metrics=("kid", "prc"), weights="fid-helper")
     again = metrics_from_features(gen, with_features, kid_prc)
     assert again["kid_mean"] == from_features["kid_mean"] and again["unavailable"] == {}
     assert again["precision"] == from_features["precision"]
@@ -354,7 +354,7 @@ def test_evaluate_folder_npz_and_adm_reference_agree(tmp_path):
     ref_images = mnist_digits(6)
     gen = add_noise(mnist_digits(6), 16.0, seed=1).repeat(1, 3, 1, 1)  # (6, 3, 32, 32)
     write_pngs(ref_images, tmp_path / "ref")
-    config = EvalConfig(metrics=("fid", "kid", "prc", "isc"), weights="fid-helper", isc_splits=2)
+    config = EvalSpec(metrics=("fid", "kid", "prc", "isc"), weights="fid-helper", isc_splits=2)
 
     direct = evaluate(gen, tmp_path / "ref", config)
     assert direct["feature_extractor"] == iw.resolve_weights("fid-helper").description
@@ -385,7 +385,7 @@ def test_evaluate_matches_torch_fidelity_calculate_metrics():
 
     ref = mnist_digits(16).repeat(1, 3, 1, 1)
     gen = add_noise(ref, 24.0, seed=2)
-    config = EvalConfig(weights="fid-helper", kid_subset_size=16)
+    config = EvalSpec(weights="fid-helper", kid_subset_size=16)
     ours = evaluate(gen, ref, config)
     theirs = torch_fidelity.calculate_metrics(
         input1=UintDataset(gen),
@@ -415,7 +415,7 @@ def test_fid_grows_with_noise_on_96_digits():
     fids = [fid_from_stats(ref.mu, ref.sigma, ref.mu, ref.sigma)]
     for sigma in sigmas:
         feats = inception_features(add_noise(digits, sigma, seed=3), OFFLINE)
-        fids.append(metrics_from_features(feats, ref, EvalConfig(metrics=("fid",)))["fid"])
+        fids.append(metrics_from_features(feats, ref, EvalSpec(metrics=("fid",)))["fid"])
     print("FID vs noise std (96 digits)", dict(zip((0.0, *sigmas), fids, strict=True)))
     assert abs(fids[0]) <= 1e-6 * fids[1]
     assert all(a < b for a, b in itertools.pairwise(fids)), fids
@@ -453,14 +453,21 @@ def test_auto_falls_back_offline_with_a_short_timeout(monkeypatch, tmp_path):
     assert len(timeouts) == 2
 
 
-def test_config_rejects_unknown_metrics_and_values():
+def test_spec_rejects_unknown_metrics_and_values():
     with pytest.raises(ValueError, match=r"unknown metric\(s\) \['fdi'\]"):
-        EvalConfig(metrics=("fid", "fdi"))
+        EvalSpec(metrics=("fid", "fdi"))
     with pytest.raises(ValueError, match="unknown weights 'tf'"):
-        EvalConfig(weights="tf")
-    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
-        EvalConfig(batch_size=0)
-    assert EvalConfig(metrics="fid").metrics == ("fid",)
+        EvalSpec(weights="tf")
+    with pytest.raises(ValueError, match=r"eval\.eval_batch_size must be an integer >= 1"):
+        EvalSpec(eval_batch_size=0)
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        EvalSpec(sampler="euler")
+    with pytest.raises(ValueError, match="lists a metric twice"):
+        EvalSpec(metrics=("fid", "fid"))
+    with pytest.raises(ValueError, match="needs lo < hi"):
+        EvalSpec(guidance_interval=(1.0, -1.0))
+    assert EvalSpec(metrics="fid").metrics == ("fid",)
+    assert EvalSpec(labels=[2, 7], guidance_interval=[-1.0, 1.0]).labels == (2, 7)
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path):
@@ -484,9 +491,9 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\) or \(N, 1, H, W\)"):
         evaluate(torch.zeros(2, 4, 8, 8, dtype=torch.uint8), gen, OFFLINE)
     with pytest.raises(ValueError, match="kid needs at least 2 generated images"):
-        evaluate(gen[:1], gen, EvalConfig(metrics=("kid",), weights="fid-helper"))
+        evaluate(gen[:1], gen, EvalSpec(metrics=("kid",), weights="fid-helper"))
     with pytest.raises(ValueError, match="prc needs at least 4 reference images"):
-        evaluate(gen, gen[:3], EvalConfig(metrics=("prc",), weights="fid-helper"))
+        evaluate(gen, gen[:3], EvalSpec(metrics=("prc",), weights="fid-helper"))
     with pytest.raises(ValueError, match=r"must end in \.npz"):
         save_reference_stats(gen, tmp_path / "stats.npy", OFFLINE)
     with pytest.raises(ValueError, match="feature dimensions differ"):

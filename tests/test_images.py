@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdiff.images import from_uint8, load_image, make_grid, save_folder, save_grid, to_uint8
+from sdiff.data.images import from_uint8, load_image, make_grid, save_folder, save_grid, to_uint8
 
 LEVELS = torch.arange(256, dtype=torch.int32).to(torch.uint8)  # (256,) every uint8 level
 

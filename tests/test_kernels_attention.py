@@ -7,13 +7,15 @@ floored at the error of rounding the exact float64 result to that dtype, which n
 implementation that returns that dtype can beat.
 """
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import sdiff.attention_backends as ab
+import sdiff.models.attention as ab
 from sdiff.kernels import attention as kernel
 from sdiff.kernels.attention import attention_ref, flash_attention
 
@@ -31,6 +33,17 @@ SHAPES = [
     (2, 1, 100, 77, 40),  # cross-attention with a padded caption
     (1, 2, 96, 128, None),  # key length a multiple of the block: the unmasked (EVEN_K) loop
 ]
+
+
+def _load_golden_script():
+    path = Path(__file__).parent / "data" / "make_kernel_golden.py"
+    spec = importlib.util.spec_from_file_location("make_kernel_golden", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+golden = _load_golden_script()
 
 
 def make(b, h, lq, lk, d, dtype, seed=0):
@@ -146,7 +159,7 @@ def test_tiny_uvit_trains_the_same_with_triton_and_sdpa():
     from dataclasses import replace
 
     from sdiff.diffusion import DiffusionConfig, diffusion_loss
-    from sdiff.presets import build_model, get_preset
+    from sdiff.models.presets import build_model, get_preset
 
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1
@@ -189,33 +202,77 @@ def test_cuda_long_sequences(dtype, head_dim, length):
         assert max_err(o, r) <= bound, name
 
 
-def test_launch_config_table_and_overrides(monkeypatch, tmp_path):
-    """The CUDA launch configs: the table by kernel, head dim and length regime; overrides from
-    ``set_launch_configs`` and from the ``SDIFF_ATTN_CONFIG`` JSON file (the tuner's output)."""
+def test_launch_configs_table_and_overrides(monkeypatch, tmp_path):
+    """The CUDA launch configs: the read-only table by kernel, head dim and length regime; a
+    caller's ``launch_configs`` wins entry by entry (head dims as ints or as the JSON's strings);
+    the registered ops' overrides come from the ``SDIFF_ATTN_CONFIG`` file (the tuner's output)."""
     import json
 
     monkeypatch.setattr(kernel, "interpreting", lambda: False)
     table = kernel.LAUNCH_CONFIGS
-    try:
-        kernel.set_launch_configs(None)
-        assert kernel._launch_config(128, "dq", 4096) == table["dq"][128]["long"]
-        assert kernel._launch_config(64, "fwd", 256) == table["fwd"][64]["short"]
-        assert kernel._launch_config(32, "dkdv", 513) == table["dkdv"][64]["long"]
-        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 2, "num_stages": 5}
-        kernel.set_launch_configs({"dq": {"128": {"short": cfg}}})
-        assert kernel._launch_config(128, "dq", 512) == cfg
-        assert kernel._launch_config(128, "dq", 513) == table["dq"][128]["long"]
-        path = tmp_path / "tuned.json"
-        path.write_text(json.dumps({"fwd": {"64": {"long": cfg}}}))
-        monkeypatch.setenv("SDIFF_ATTN_CONFIG", str(path))
-        monkeypatch.setattr(kernel, "_ENV_LOADED", False)
-        kernel._OVERRIDES.clear()
-        assert kernel._launch_config(64, "fwd", 1024) == cfg
-        assert kernel._launch_config(128, "dq", 256) == table["dq"][128]["short"]
-        path.write_text("not json")
-        monkeypatch.setattr(kernel, "_ENV_LOADED", False)
+    assert kernel._launch_config(128, "dq", 4096) == table["dq"][128]["long"]
+    assert kernel._launch_config(64, "fwd", 256) == table["fwd"][64]["short"]
+    assert kernel._launch_config(32, "dkdv", 513) == table["dkdv"][64]["long"]
+    with pytest.raises(TypeError):
+        table["dq"][128]["long"]["BLOCK_M"] = 16
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 2, "num_stages": 5}
+    for dims in ({128: {"short": cfg}}, {"128": {"short": cfg}}):
+        assert kernel._launch_config(128, "dq", 512, {"dq": dims}) == cfg
+        assert kernel._launch_config(128, "dq", 513, {"dq": dims}) == table["dq"][128]["long"]
+        assert kernel._launch_config(128, "fwd", 512, {"dq": dims}) == table["fwd"][128]["short"]
+
+    monkeypatch.delenv("SDIFF_ATTN_CONFIG", raising=False)
+    assert kernel._env_launch_configs() is None
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"fwd": {"64": {"long": cfg}}}))
+    monkeypatch.setenv("SDIFF_ATTN_CONFIG", str(path))
+    env = kernel._env_launch_configs()
+    assert kernel._launch_config(64, "fwd", 1024, env) == cfg
+    assert kernel._launch_config(128, "dq", 256, env) == table["dq"][128]["short"]
+    for name, text in [("bad.json", "not json"), ("list.json", "[1]"), ("missing.json", None)]:
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        monkeypatch.setenv("SDIFF_ATTN_CONFIG", str(tmp_path / name))
         with pytest.raises(ValueError, match="SDIFF_ATTN_CONFIG"):
-            kernel._launch_config(64, "fwd", 1024)
-    finally:
-        kernel.set_launch_configs(None)
-        monkeypatch.setattr(kernel, "_ENV_LOADED", False)
+            kernel._env_launch_configs()
+
+    monkeypatch.setattr(kernel, "interpreting", lambda: True)  # the file is for the GPU only
+    monkeypatch.setenv("SDIFF_ATTN_CONFIG", str(path))
+    assert kernel._env_launch_configs() is None
+    assert kernel._launch_config(64, "fwd", 1024) == kernel.INTERPRETER_CONFIG
+    assert kernel._launch_config(64, "fwd", 1024, {"fwd": {64: {"long": cfg}}}) == cfg
+
+
+@pytest.mark.skipif(not kernel.interpreting(), reason="the saved outputs are the interpreter's")
+def test_registered_ops_launch_with_the_env_configs(monkeypatch):
+    """flash_attention's forward and backward ops launch with ``_env_launch_configs()``: given
+    the blocks of a saved case, they reproduce its saved outputs."""
+    name = "fp32-d32-blocks-32x16-padded"
+    case = golden.CASES[name]
+    cfg = {"BLOCK_M": case[-1][0], "BLOCK_N": case[-1][1], "num_warps": 4, "num_stages": 1}
+    launch = {kind: {64: {"short": cfg}} for kind in ("fwd", "dkdv", "dq")}
+    monkeypatch.setattr(kernel, "_env_launch_configs", lambda: launch)
+    q, k, v, dout, mask = golden.inputs(case)
+    out, dq, dk, dv = run(flash_attention, q, k, v, dout, mask)
+    saved = torch.load(golden.GOLDEN, weights_only=True)[name]
+    for key, ours in zip(["out", "dq", "dk", "dv"], [out, dq, dk, dv], strict=True):
+        assert torch.equal(ours, saved[key]), key
+
+
+def _bits(x):
+    """x's bit patterns as integers of its width: equal bits, not only equal values (-0.0, nan)."""
+    return x.view({4: torch.int32, 2: torch.int16}[x.element_size()])
+
+
+@pytest.mark.skipif(not kernel.interpreting(), reason="the saved outputs are the interpreter's")
+@pytest.mark.parametrize("name", list(golden.CASES))
+def test_outputs_bit_identical_to_saved(name):
+    """The kernel reproduces the outputs saved by tests/data/make_kernel_golden.py bit for bit:
+    forward out and log-sum-exp, backward dQ, dK and dV, per case of that script."""
+    saved = torch.load(golden.GOLDEN, weights_only=True)[name]
+    ours = golden.run_case(golden.CASES[name])
+    for key in golden.OUTPUTS:
+        o, s = ours[key], saved[key]
+        assert o.dtype == s.dtype and o.shape == s.shape, key
+        diff = (o.double() - s.double()).abs().nan_to_num(0.0).max().item()
+        assert torch.equal(o, s) and torch.equal(_bits(o), _bits(s)), f"{key}: max diff {diff:.3e}"

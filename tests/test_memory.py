@@ -1,8 +1,8 @@
 """sdiff.bench.memory: training-memory estimates on meta, checked by hand counts, by the same
 counter on real CPU tensors, and by the resident set size of a real training step.
 
-RSS check (CPU, fp32, the trainer's second train_step in a fresh process). Measured on this
-machine (2 cores, torch 2.14.1), batch 16, measured / estimated:
+RSS check (CPU, fp32, the second call of the shared sdiff.training.step.train_step in a fresh
+process). Measured on this machine (2 cores, torch 2.14.1), batch 16, measured / estimated:
                     activations at forward end     step peak (over the model state)
   uvit   plain       122.4 /  121.6 MiB  1.01       134.6 / 123.4 MiB  1.09
   uvit   checkpoint   31.1 /   30.3 MiB  1.03        63.4 /  52.2 MiB  1.22
@@ -40,9 +40,9 @@ from sdiff.bench.memory import (
     simulate_step,
     with_checkpointing,
 )
-from sdiff.presets import build_model, get_preset
-from sdiff.unet import UNetConfig
-from sdiff.uvit import UViTConfig
+from sdiff.models.presets import build_model, get_preset
+from sdiff.models.unet import UNetConfig
+from sdiff.models.uvit import UViTConfig
 
 TINY = ["unet-tiny-32", "uvit-tiny-32"]
 

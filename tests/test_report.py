@@ -1,5 +1,7 @@
 """`sdiff report`: paper-layout tables from results stores, plots, index; checked against
-numbers computed here (numpy), PAPER.md's cited values and the files' own contents."""
+numbers computed here (numpy), the values cited by simple diffusion (arXiv 2301.11093) and the
+files' own contents; the commit each file names, and the committed reports/ folder refused to a
+tree with uncommitted changes."""
 
 import csv
 import json
@@ -14,14 +16,29 @@ from sdiff.cli import main
 from sdiff.report import (
     bench_plots,
     build_table_report,
+    committed_reports,
     fmt_cell,
     load_cells,
     plot_curves,
     plot_metrics,
     to_latex,
+    to_markdown,
+    write_index,
+    write_table_report,
 )
+from sdiff.util import provenance
 
 PNG = b"\x89PNG\r\n\x1a\n"
+DIRTY_ORIGIN = "from 0123456789ab+dirty: uncommitted changes, not reproducible from a commit"
+
+
+def table_row(markdown: str, first: str) -> list[str]:
+    """The cells of the markdown table row whose first cell is ``first``."""
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first:
+            return cells
+    raise AssertionError(f"no row {first!r} in\n{markdown}")
 
 
 def fill_store(folder, table, scale="smoke", overrides=(), metrics=None, fail=(), curves=None):
@@ -76,7 +93,7 @@ def test_seeds_are_averaged_with_sample_std(tmp_path):
             fids = np.array([m0[(row, col)]["fid"], m1[(row, col)]["fid"]])
             want = f"{fids.mean():.1f} ± {fids.std(ddof=1):.2f} (n=2)"
             assert frame.loc[frame.index[i], f"{title}: FID (ours)"] == want
-            assert frame.loc[frame.index[i], f"{title}: FID (paper)"] == "–"  # not in PAPER.md
+            assert frame.loc[frame.index[i], f"{title}: FID (paper)"] == "–"  # not transcribed
     assert any("Seeds: 0, 1" in line for line in report.header)
     assert any("200 generated samples against 500 training images" in h for h in report.header)
 
@@ -106,10 +123,11 @@ def test_table7_places_ours_beside_the_literature(tmp_path):
     assert ours.loc["sdiff U-ViT digits (smoke, MNIST 32 px)", "FID (ours, vs train)"] == "40.0"
     assert ours.iloc[0]["scale"] == "smoke" and ours.iloc[0]["guidance w"] == "3"
     (caption, lit), = report.extra  # fmt: skip
-    row = lit.loc["simple diffusion U-ViT L, 256 px"]  # PAPER.md: 2.77 / 3.75 (IS 211.8)
+    row = lit.loc["simple diffusion U-ViT L, 256 px"]  # Table 7: 2.77 / 3.75 (IS 211.8)
     assert (row["FID train"], row["FID eval"], row["IS"]) == ("2.77", "3.75", "211.8")
     assert lit.loc["SiD2, 512 px", "FID train"] == "1.48"
-    assert "PAPER.md" in caption
+    assert set(lit["scale"]) == {"literature"}
+    assert "simple diffusion (arXiv 2301.11093)" in caption and "SiD2 (arXiv 2410.19324)" in caption
 
 
 def test_table1_per_level_layout(tmp_path):
@@ -187,7 +205,7 @@ def test_cli_report_one_table_all_and_errors(tmp_path, capsys):
     assert main(["report", "2", "--store", str(tmp_path / "runs" / "table2-smoke"),
                  "--out", str(out)]) == 0  # fmt: skip
     md = (out / "tables" / "table2-smoke.md").read_text()
-    assert "| cosine | 90.0 | – | 0.0700 |" in md
+    assert table_row(md, "cosine")[:4] == ["cosine", "90.0", "–", "0.0700"]
     assert (out / "tables" / "table2-smoke.tex").read_text().count(r"\\") >= 3
     assert main(["report", "--all", "--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0
     index = (out / "index.md").read_text()
@@ -202,7 +220,8 @@ def test_cli_report_one_table_all_and_errors(tmp_path, capsys):
     assert "not a results store" in capsys.readouterr().err
     assert main(["report", "9", "--out", str(out)]) == 2
     assert "unknown table" in capsys.readouterr().err
-    assert main(["report", "3", "--store", str(tmp_path / "runs" / "table2-smoke")]) == 2
+    argv = ["report", "3", "--store", str(tmp_path / "runs" / "table2-smoke"), "--out", str(out)]
+    assert main(argv) == 2
     assert "no cells of table 3" in capsys.readouterr().err
     # the store was only read: its cells are unchanged
     with ResultsStore(tmp_path / "runs" / "table2-smoke" / "results.sqlite") as store:
@@ -234,7 +253,7 @@ def test_demo_table_runs_the_grid_and_prints_the_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     md = out / "report" / "tables" / "table1-smoke.md"
     assert f"results: {md.resolve()}" in printed and "2 of 2 cells done" in printed
-    assert "| U-ViT L 512, 16x16 | 16 |" in md.read_text()
+    assert table_row(md.read_text(), "U-ViT L 512, 16x16")[:2] == ["U-ViT L 512, 16x16", "16"]
     with ResultsStore(out / "table1-smoke" / "results.sqlite") as store:
         assert [r["status"] for r in store.rows()] == ["done", "done"]
 
@@ -246,7 +265,8 @@ def test_cells_that_differ_beyond_the_seed_are_not_averaged(tmp_path, capsys):
                metrics=table2_metrics(9))  # fmt: skip
     with pytest.raises(ValueError, match="differ in more than the seed"):
         build_table_report(table, "smoke", load_cells([tmp_path / "a", tmp_path / "b"]))
-    assert main(["report", "2", "--store", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    argv = ["report", "2", "--store", str(tmp_path / "a"), str(tmp_path / "b")]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert "report them separately" in capsys.readouterr().err
     # --all reports the other tables and says which one it skipped (exit 1)
     fill_store(tmp_path / "c", get_table(3), metrics={})
@@ -256,3 +276,69 @@ def test_cells_that_differ_beyond_the_seed_are_not_averaged(tmp_path, capsys):
     assert "skipped: table 2" in capsys.readouterr().err
     assert (out / "tables" / "table3-smoke.md").exists()
     assert not (out / "tables" / "table2-smoke.md").exists()
+
+
+def test_markdown_is_one_padded_pipe_table_per_frame(tmp_path):
+    table = get_table(3)
+    cells = expand(table, "smoke")
+    metrics = {(c.row, c.column): {"fid": 50.0 + i} for i, c in enumerate(cells)}
+    fill_store(tmp_path, table, metrics=metrics)
+    report = build_table_report(table, "smoke", load_cells([tmp_path]))
+    lines = to_markdown(report.frame).splitlines()
+    assert len(lines) == 2 + len(report.frame) and set(lines[1]) <= {"|", "-", ":"}
+    assert len({len(line) for line in lines}) == 1  # columns padded to one width
+    assert table_row("\n".join(lines), report.frame.index[0])[1] == "50.0"
+
+
+@pytest.fixture
+def checkout(tmp_path, monkeypatch):
+    """A fake sdiff checkout (its committed reports/ under tmp_path); ``sha`` sets its state."""
+    root = tmp_path / "checkout"
+    monkeypatch.setattr(provenance, "source_root", lambda: root)
+
+    def at(sha):
+        monkeypatch.setattr(provenance, "git_sha", lambda: sha)
+        return root
+
+    return at
+
+
+def test_a_dirty_tree_may_not_write_the_committed_reports(tmp_path, checkout, capsys):
+    root = checkout("0123456789ab+dirty")
+    fill_store(tmp_path / "runs" / "table2-smoke", get_table(2), metrics=table2_metrics(0))
+    committed = root / "reports"
+    assert committed_reports() == committed
+    store = ["--store", str(tmp_path / "runs" / "table2-smoke")]
+    for argv in (["report", "2", *store, "--out", str(committed)],
+                 ["report", "--all", "--runs", str(tmp_path / "runs"), "--out", str(committed)],
+                 ["report", "2", *store, "--out", str(committed / "tables" / "..")]):  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"refusing to write into {committed}" in err and "uncommitted changes" in err
+        assert "Commit first, or pass --allow-dirty" in err
+        assert not committed.exists()  # refused before anything was written
+    report = build_table_report(get_table(2), "smoke", load_cells([store[1]]))
+    with pytest.raises(ValueError, match="--allow-dirty"):
+        write_table_report(report, committed)
+    with pytest.raises(ValueError, match="--allow-dirty"):
+        write_index(committed, [], [])
+    # allowed when asked, and every file says it came from a dirty tree
+    assert main(["report", "--all", "--runs", str(tmp_path / "runs"), "--out", str(committed),
+                 "--allow-dirty"]) == 0  # fmt: skip
+    for name in ("tables/table2-smoke.md", "tables/table2-smoke.tex", "index.md"):
+        assert DIRTY_ORIGIN in (committed / name).read_text(), name
+
+
+def test_reports_elsewhere_are_written_from_any_tree(tmp_path, checkout):
+    checkout("0123456789ab+dirty")
+    fill_store(tmp_path / "runs", get_table(2), metrics=table2_metrics(0))
+    out = tmp_path / "elsewhere"  # beside the checkout, not inside its reports/
+    assert main(["report", "2", "--store", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    assert DIRTY_ORIGIN in (out / "tables" / "table2-smoke.md").read_text()
+    checkout("0123456789ab")  # a clean tree writes the committed folder and names its commit
+    committed = tmp_path / "checkout" / "reports"
+    assert main(["report", "2", "--store", str(tmp_path / "runs"), "--out", str(committed)]) == 0
+    for suffix in ("md", "tex"):
+        text = (committed / "tables" / f"table2-smoke.{suffix}").read_text()
+        assert "generated by `sdiff report` on " in text.lower()
+        assert "from commit 0123456789ab" in text and "+dirty" not in text

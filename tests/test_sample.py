@@ -8,11 +8,12 @@ import torch
 from PIL import Image
 
 from sdiff.cli import main
-from sdiff.config import RunConfig, TrainConfig
-from sdiff.data import DataConfig
-from sdiff.sample import SampleOptions, generate, load_trained
-from sdiff.train import Trainer
-from sdiff.uvit import UViTConfig
+from sdiff.data.datasets import DataConfig
+from sdiff.eval.sample import generate, load_trained
+from sdiff.eval.spec import EvalSpec
+from sdiff.models.uvit import UViTConfig
+from sdiff.training.config import RunConfig, TrainConfig
+from sdiff.training.trainer import Trainer
 
 MODEL = UViTConfig(
     resolution=32, in_channels=1, patch_size=2, channels=(8,), blocks_down=(1,), blocks_up=(1,),
@@ -53,10 +54,10 @@ def test_sample_cli_round_trip(run_dir, tmp_path):
     # the CLI's images are the library's, and the same seed gives the same images
     model, config, step = load_trained(run_dir)
     assert step == 4
-    images, labels = generate(model, config, SampleOptions(n=6, steps=3, seed=1))
+    images, labels = generate(model, config, EvalSpec(n=6, steps=3, seed=1))
     assert labels.tolist() == [0, 1, 2, 3, 4, 5]
     assert all(np.array_equal(read_png(f), images[i, 0].numpy()) for i, f in enumerate(files))
-    other, _ = generate(model, config, SampleOptions(n=6, steps=3, seed=2))
+    other, _ = generate(model, config, EvalSpec(n=6, steps=3, seed=2))
     assert not torch.equal(images, other)
     # guidance, an interval, labels, raw weights and the other sampler all run
     guided = tmp_path / "guided.png"

@@ -3,7 +3,7 @@
 Two independent references:
 1. Gaussian data: the exact denoiser is affine in z, so the whole DDPM/DDIM chain is an affine
    Gaussian map of z_1 ~ N(0, 1). Its output mean and variance after any number of steps follow
-   from a scalar float64 recursion written here from PAPER.md's formulas (``chain_moments``);
+   from a scalar float64 recursion written here from the paper's formulas (``chain_moments``);
    DDIM is deterministic, so its output is checked sample by sample.
 2. Gaussian-mixture data: with enough steps the samples must match the data's mean, variance and
    component weights; tolerances are 4 Monte Carlo standard errors (see ``assert_moments``) and
@@ -17,11 +17,18 @@ import math
 import pytest
 import torch
 
-import sdiff.samplers as samplers_mod
-from sdiff.analytic import GaussianMixture
-from sdiff.diffusion import convert
-from sdiff.samplers import SAMPLERS, Guidance, get_sampler, sample_ddim, sample_ddpm, x_predictor
-from sdiff.schedules import get_schedule
+import sdiff.diffusion.samplers as samplers_mod
+from sdiff.diffusion.analytic import GaussianMixture
+from sdiff.diffusion.process import convert
+from sdiff.diffusion.samplers import (
+    SAMPLERS,
+    Guidance,
+    get_sampler,
+    sample_ddim,
+    sample_ddpm,
+    x_predictor,
+)
+from sdiff.diffusion.schedules import get_schedule
 
 COSINE = get_schedule("cosine")
 Z_TOL = 4.0  # |z| above 4 happens with probability 6e-5 per statistic under the null

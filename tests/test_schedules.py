@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdiff.schedules import (
+from sdiff.diffusion.schedules import (
     ScheduleConfig,
     alpha_sigma,
     dlogsnr_dt,
@@ -150,7 +150,8 @@ def test_doubling_resolution_lowers_logsnr_by_2_log_2(t, log2res, log2base):
 def test_pooling_multiplies_snr_by_four():
     """2x2 average pooling of z_t keeps alpha D[x] and halves the noise std: SNR x 4. So a
     128 px image under the schedule shifted to base 64, pooled to 64 px, has exactly the
-    logSNR of the unshifted cosine (PAPER.md, "Why shift")."""
+    logSNR of the unshifted cosine (simple diffusion,
+    arXiv 2301.11093, "Adjusting Noise Schedules")."""
     gen = torch.Generator().manual_seed(0)
     n, res = 64, 128
     low = torch.rand(1, 3, res // 2, res // 2, generator=gen, dtype=torch.float64) * 2 - 1

@@ -1,4 +1,4 @@
-"""Text conditioning (sdiff.text) and text-conditioned sampling, checked against hand-made
+"""Text conditioning (sdiff.models.text) and text-conditioned sampling, checked against hand-made
 captions, sentence-transformers' own MiniLM embeddings, and the sampler called directly."""
 
 from dataclasses import replace
@@ -6,19 +6,20 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sdiff.config import RunConfig
-from sdiff.data import DataConfig
-from sdiff.images import to_uint8
-from sdiff.presets import build_model, get_preset
-from sdiff.sample import SampleOptions, generate
-from sdiff.samplers import Guidance, get_sampler, x_predictor
-from sdiff.text import (
+from sdiff.data.datasets import DataConfig
+from sdiff.data.images import to_uint8
+from sdiff.diffusion.samplers import Guidance, get_sampler, x_predictor
+from sdiff.eval.sample import generate
+from sdiff.eval.spec import EvalSpec
+from sdiff.models.presets import build_model, get_preset
+from sdiff.models.text import (
     TextConfig,
     build_caption_table,
     class_captions,
     encode,
     save_precomputed,
 )
+from sdiff.training.config import RunConfig
 
 TEMPLATES = ("a digit {name}", "the number {name}")
 
@@ -118,7 +119,7 @@ def test_text_generation_is_the_sampler_with_caption_conditions(tmp_path):
     model = build_model(config.model).eval()
     for p in model.parameters():  # zero-initialised outputs would make every image equal
         p.data.add_(0.05 * torch.randn_like(p))
-    options = SampleOptions(n=4, steps=3, guidance=2.0, seed=5, labels=[2, 7])
+    options = EvalSpec(n=4, steps=3, guidance=2.0, seed=5, labels=[2, 7])
     images, labels = generate(model, config, options)
     assert labels.tolist() == [2, 7, 2, 7]
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import sdiff.checkpoint as ckpt_mod
-from sdiff.checkpoint import list_checkpoints, load_checkpoint
-from sdiff.config import RunConfig, TrainConfig, apply_overrides, to_json
-from sdiff.data import DataConfig
-from sdiff.train import Trainer, index_batches
-from sdiff.uvit import UViTConfig
+import sdiff.training.checkpoint as ckpt_mod
+from sdiff.data.datasets import DataConfig
+from sdiff.models.uvit import UViTConfig
+from sdiff.training.checkpoint import list_checkpoints, load_checkpoint
+from sdiff.training.config import RunConfig, TrainConfig, apply_overrides, to_json
+from sdiff.training.trainer import Trainer, index_batches
 
 MODEL = UViTConfig(
     resolution=32, in_channels=1, patch_size=2, channels=(8,), blocks_down=(1,), blocks_up=(1,),
@@ -155,10 +155,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
     model.forward = poisoned
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 5"):
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 5") as err:
         trainer.run()
     assert trainer.step == 4
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["ckpt-000000000003.pt"]
+    # the shared step stops before the update; the trainer adds which checkpoint is good
+    last = list_checkpoints(tmp_path / "checkpoints")[-1]
+    assert str(err.value).endswith(f"stopped before the update; last good checkpoint: {last}")
     # the failed step did not touch the weights
     after = model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # steps 1-4 trained

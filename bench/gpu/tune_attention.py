@@ -1,6 +1,6 @@
-"""Tune the Triton attention kernel's launch configs on the GPU at hand (issue 9).
+"""Tune the Triton attention kernel's launch configs on the GPU at hand.
 
-    python bench/gpu/tune_attention.py --out tuned.json --csv tune.csv [--time-budget 150]
+    python -m sdiff.bench.gpu.tune_attention --out tuned.json --csv tune.csv [--time-budget 150]
 
 For head dims 64 and 128 (bf16, width 2048 as in ``bench_attention.py``) and two length regimes
 ("short": N = 256, batch 64, the U-ViT's 16x16 tokens; "long": N = 4096, batch 4), it times a
@@ -19,18 +19,18 @@ it through ``SDIFF_ATTN_CONFIG``) and every timing to CSV; the committed table i
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
 import time
-from pathlib import Path
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from sdiff.cli_args import ExtendList
 from sdiff.kernels import attention as ka
+from sdiff.util.cli_args import ExtendList
+from sdiff.util.files import atomic_write_text, write_csv
 
 SHAPES = {"short": (256, 64), "long": (4096, 4)}  # regime -> (seq_len, batch)
 WIDTH = 2048
@@ -128,17 +128,16 @@ def main(argv: list[str] | None = None) -> int:
                         break
                     trial = current(d, regime)
                     trial[kind][d][regime] = cfg
-                    ka.set_launch_configs(trial)
                     label = "m{BLOCK_M} n{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)
                     try:
                         if kind == "fwd":
-                            ms = bench_ms(lambda: ka._forward(q, k, v, None, scale))
+                            ms = bench_ms(partial(ka._forward, q, k, v, None, scale,
+                                                  launch_configs=trial))  # fmt: skip
                             flops = fl_fwd
                         else:
-                            out, lse = ka._forward(q, k, v, None, scale)
-                            ms = bench_ms(
-                                lambda: ka._backward(dout, q, k, v, None, out, lse, scale)
-                            )
+                            out, lse = ka._forward(q, k, v, None, scale, launch_configs=trial)
+                            ms = bench_ms(partial(ka._backward, dout, q, k, v, None, out, lse,
+                                                  scale, launch_configs=trial))  # fmt: skip
                             flops = 2.5 * fl_fwd
                         tflops = flops / ms / 1e9
                         record(kind=kind, head_dim=d, regime=regime, seq_len=n, batch=b,
@@ -153,14 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                         torch.cuda.synchronize()
                 if best is not None:
                     winners[kind].setdefault(d, {})[regime] = best[1]
-    ka.set_launch_configs(None)
-    Path(args.out).write_text(json.dumps(winners, indent=1))
-    with open(args.csv, "w", newline="") as f:
-        fields = ["gpu", "kind", "head_dim", "regime", "seq_len", "batch", "config", "ms",
-                  "tflops", "status"]  # fmt: skip
-        w = csv.DictWriter(f, fields)
-        w.writeheader()
-        w.writerows(rows)
+    atomic_write_text(args.out, json.dumps(winners, indent=1))
+    fields = ["gpu", "kind", "head_dim", "regime", "seq_len", "batch", "config", "ms", "tflops",
+              "status"]  # fmt: skip
+    write_csv(args.csv, fields, rows)
     print(json.dumps(winners))
     print(f"tuned in {time.time() - start:.0f} s")
     return 0

@@ -36,7 +36,7 @@ def timed(benchmark, fn: Callable[[], object], device: torch.device, rounds: int
 
 def images(preset: str, batch: int, device: torch.device):
     """x (B, C, H, W) in [-1, 1] and labels (B,), None for an unconditional model."""
-    from sdiff.presets import get_preset
+    from sdiff.models.presets import get_preset
 
     c = get_preset(preset)
     gen = torch.Generator().manual_seed(SEED)
@@ -46,35 +46,37 @@ def images(preset: str, batch: int, device: torch.device):
 
 
 def eval_model(preset: str, device: torch.device) -> torch.nn.Module:
-    from sdiff.presets import build_model
+    from sdiff.models.presets import build_model
 
     torch.manual_seed(SEED)
     return build_model(preset).to(device).eval()
 
 
 @pytest.mark.parametrize("preset", TINY)
-def test_train_step(benchmark, device, tmp_path, preset):
-    """Trainer.train_step: forward, backward, clip, Adam, EMA (bf16 autocast on CUDA)."""
-    from sdiff.config import RunConfig, TrainConfig
-    from sdiff.data import DataConfig
-    from sdiff.presets import get_preset
-    from sdiff.train import Trainer
+def test_train_step(benchmark, device, preset):
+    """One training step as the trainer takes it: ``prepare_batch`` and ``train_step`` of
+    ``sdiff.training.step`` (label dropout, warm-up lr, forward, backward, clip, the non-finite
+    check, Adam, EMA; bf16 autocast on CUDA), batch 8."""
+    from sdiff.bench.throughput import run_config
+    from sdiff.models.presets import get_preset
+    from sdiff.training.step import build_state, prepare_batch, train_step
 
     batch = 8
-    model = get_preset(preset)
-    # the data set is never read: train_step gets the fixed batch below
-    data = DataConfig(name="mnist", resolution=model.resolution, channels=model.in_channels)
-    config = RunConfig(model=model, data=data, train=TrainConfig(batch_size=batch, seed=SEED))
-    trainer = Trainer(config, tmp_path / preset, device=device, progress=False)
+    config = run_config(get_preset(preset), batch, seed=SEED)
+    state = build_state(config, device)
     x, y = images(preset, batch, device)
     benchmark.extra_info["items"] = batch
-    timed(benchmark, lambda: trainer.train_step(x, y), device, rounds=10)
+
+    def step():
+        return train_step(state, prepare_batch(state, x, y, config), config)
+
+    timed(benchmark, step, device, rounds=10)
 
 
 def test_forward_uvit_digits(benchmark, device):
     """The demo model's forward pass without gradients, batch 16."""
-    from sdiff.flops import example_inputs
-    from sdiff.presets import get_preset
+    from sdiff.models.flops import example_inputs
+    from sdiff.models.presets import get_preset
 
     preset, batch = "uvit-digits-32", 16
     model = eval_model(preset, device)
@@ -92,9 +94,9 @@ def test_forward_uvit_digits(benchmark, device):
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_sampler(benchmark, device, sampler):
     """A 4-step sampler call on uvit-tiny-32, batch 16: 4 model calls and 3 updates."""
-    from sdiff.presets import get_preset
-    from sdiff.samplers import get_sampler, x_predictor
-    from sdiff.schedules import ScheduleConfig
+    from sdiff.diffusion.samplers import get_sampler, x_predictor
+    from sdiff.diffusion.schedules import ScheduleConfig
+    from sdiff.models.presets import get_preset
 
     preset, batch = "uvit-tiny-32", 16
     c = get_preset(preset)

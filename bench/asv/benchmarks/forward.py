@@ -14,8 +14,8 @@ class Forward:
     timeout = 60
 
     def setup(self, preset: str, batch: int) -> None:
-        from sdiff.flops import example_inputs
-        from sdiff.presets import get_preset
+        from sdiff.models.flops import example_inputs
+        from sdiff.models.presets import get_preset
 
         self.model = eval_model(preset)
         z, logsnr, cond = example_inputs(get_preset(preset), batch, "cpu")

@@ -1,10 +1,11 @@
 """The objects the benchmarks time, built once per benchmark process.
 
-asv re-runs a benchmark's ``setup`` before every timing sample, and building a trainer costs
-more than the step it times, so the builders are cached. asv runs each benchmark (one parameter
-combination) in its own process, so the cache never crosses benchmarks. sdiff modules are
-imported inside the builders: history.sh runs this suite against old commits, and a module
-that an old commit lacks must fail only the benchmarks that need it, not the whole suite.
+asv re-runs a benchmark's ``setup`` before every timing sample, and building a training state
+costs more than the step it times, so the builders are cached. asv runs each benchmark (one
+parameter combination) in its own process, so the cache never crosses benchmarks. sdiff
+modules are imported inside the builders: history.sh runs this suite against old commits, and
+a module that an old commit lacks must fail only the benchmarks that need it, not the whole
+suite.
 
 Every tensor comes from a fixed seed, so all commits time the same work.
 """
@@ -12,7 +13,6 @@ Every tensor comes from a fixed seed, so all commits time the same work.
 from __future__ import annotations
 
 import functools
-import tempfile
 
 import torch
 
@@ -22,7 +22,7 @@ SEED = 0
 
 def images(preset: str, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x (B, C, H, W) in [-1, 1] and labels (B,) (None for an unconditional model)."""
-    from sdiff.presets import get_preset
+    from sdiff.models.presets import get_preset
 
     model = get_preset(preset)
     gen = torch.Generator().manual_seed(SEED)
@@ -33,24 +33,21 @@ def images(preset: str, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 @functools.cache
-def trainer(preset: str, batch: int):
-    """The trainer's own ``train_step`` set-up (model, Adam, EMA), fp32 on the CPU."""
-    from sdiff.config import RunConfig, TrainConfig
-    from sdiff.data import DataConfig
-    from sdiff.presets import get_preset
-    from sdiff.train import Trainer
+def train_state(preset: str, batch: int):
+    """(config, state): the benchmarks' run config for the preset at ``batch``
+    (``sdiff.bench.throughput.run_config``: default training settings, fp32 on the CPU) and a
+    fresh ``TrainState`` for it, as the trainer builds one (no dataset: ``images`` feeds it)."""
+    from sdiff.bench.throughput import run_config
+    from sdiff.models.presets import get_preset
+    from sdiff.training.step import build_state
 
-    model = get_preset(preset)
-    # the data set is never read: train_step gets the batches above
-    data = DataConfig(name="mnist", resolution=model.resolution, channels=model.in_channels)
-    config = RunConfig(model=model, data=data, train=TrainConfig(batch_size=batch, seed=SEED))
-    run_dir = tempfile.mkdtemp(prefix=f"asv-{preset}-")
-    return Trainer(config, run_dir, device="cpu", progress=False)
+    config = run_config(get_preset(preset), batch, seed=SEED)
+    return config, build_state(config, "cpu")
 
 
 @functools.cache
 def eval_model(preset: str) -> torch.nn.Module:
-    from sdiff.presets import build_model
+    from sdiff.models.presets import build_model
 
     torch.manual_seed(SEED)
     return build_model(preset).eval()

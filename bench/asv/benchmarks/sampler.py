@@ -21,9 +21,9 @@ class Sampler:
     timeout = 60
 
     def setup(self, sampler: str, steps: int) -> None:
-        from sdiff.presets import get_preset
-        from sdiff.samplers import get_sampler, x_predictor
-        from sdiff.schedules import ScheduleConfig
+        from sdiff.diffusion.samplers import get_sampler, x_predictor
+        from sdiff.diffusion.schedules import ScheduleConfig
+        from sdiff.models.presets import get_preset
 
         config = get_preset(PRESET)
         self.sample = get_sampler(sampler)

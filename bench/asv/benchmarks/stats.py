@@ -1,11 +1,11 @@
 """Parameters and multiply-accumulates per forward pass of every preset (deterministic).
 
-``sdiff.flops.model_stats`` builds the model on the meta device, so even the 2B U-ViT costs
+``sdiff.models.flops.model_stats`` builds the model on the meta device, so even the 2B U-ViT costs
 about a second. MACs are per image (batch 1); sdiff/flops.py says what is counted. A change
 here is a change of architecture, never noise.
 """
 
-from sdiff.presets import PRESETS
+from sdiff.models.presets import PRESETS
 
 
 class ModelStats:
@@ -15,7 +15,7 @@ class ModelStats:
 
     def setup_cache(self) -> dict[str, tuple[int, int]]:
         # one process counts every preset; each track_* call then only looks its row up
-        from sdiff.flops import model_stats
+        from sdiff.models.flops import model_stats
 
         stats = {}
         for name, config in PRESETS.items():

@@ -1,7 +1,9 @@
-"""One training step (forward, backward, clip, Adam, EMA) of the tiny presets: the trainer's
-own ``Trainer.train_step`` on fixed random images, fp32 on the CPU. img/s = batch / time."""
+"""One training step of the tiny presets, fp32 on the CPU: ``prepare_batch`` then ``train_step``
+of ``sdiff.training.step``, the step the trainer runs (label dropout, warm-up lr, loss,
+backward, clip, the non-finite check, Adam, EMA), on fixed random images. img/s = batch /
+time."""
 
-from .inputs import TINY, images, trainer
+from .inputs import TINY, images, train_state
 
 
 class TrainStep:
@@ -13,12 +15,19 @@ class TrainStep:
     timeout = 120
 
     def setup(self, preset: str, batch: int) -> None:
-        self.trainer = trainer(preset, batch)
+        from sdiff.training.step import prepare_batch, train_step
+
+        self.config, self.state = train_state(preset, batch)
         self.x, self.y = images(preset, batch)
+        self.prepare_batch, self.train_step = prepare_batch, train_step
+
+    def step(self) -> None:
+        batch = self.prepare_batch(self.state, self.x, self.y, self.config)
+        self.train_step(self.state, batch, self.config)
 
     def time_train_step(self, preset: str, batch: int) -> None:
-        self.trainer.train_step(self.x, self.y)
+        self.step()
 
     def peakmem_train_step(self, preset: str, batch: int) -> None:
         # the benchmark process's peak RSS, torch itself included (~0.3 GB)
-        self.trainer.train_step(self.x, self.y)
+        self.step()
