@@ -212,6 +212,9 @@ def test_this_repository_against_its_head(tmp_path):
         data = json.loads((out / f"{side}-r0.json").read_text())
         # sdiff from the side's checkout, and sdiff.kernels from its kernels/ folder
         assert Path(data["sdiff_file"]).parts[-3:] == (tree, "sdiff", "__init__.py")
-        kernels = [Path(f) for f in data["sdiff_modules"] if Path(f).parent.name == "kernels"]
-        assert kernels and all(f.parent.parent.name == tree for f in kernels)
+        # every sdiff module the benchmarks imported (the models among them) from that checkout
+        modules = [Path(f).resolve() for f in data["sdiff_modules"]]
+        assert any(f.parent.name == "models" for f in modules)
+        top = ROOT if side == "head" else Path(data["sdiff_file"]).resolve().parents[1]
+        assert all(f.is_relative_to(top) for f in modules)
         assert data["sdiff_run"]["device"] in ("cpu", "cuda")
