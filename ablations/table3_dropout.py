@@ -12,15 +12,8 @@ model. Smoke: the digits U-ViT (conv level at 16x16, transformer at 8x8); gpu: t
 
 from __future__ import annotations
 
+from sdiff.ablations import scales
 from sdiff.ablations.grid import Axis, Scale, Table
-from sdiff.ablations.scales import (
-    GPU_EVAL,
-    PAPER_EVAL,
-    SMOKE_EVAL,
-    gpu_base,
-    paper_base,
-    smoke_base,
-)
 
 
 def _rows(sides: list[int]) -> tuple[Axis, ...]:
@@ -44,22 +37,22 @@ TABLE = Table(
     metrics=("fid", "kid_mean"),
     scales={
         "smoke": Scale(
-            base=smoke_base,
+            base=scales.smoke_base,
             rows=_rows([16, 8]),
-            eval=SMOKE_EVAL,
+            eval=scales.SMOKE_EVAL,
             cost="3 cells x about 2.5 minutes on 2 CPU cores",
         ),
         "gpu": Scale(
-            base=gpu_base,
+            base=scales.gpu_base,
             rows=_rows([32, 16]),
-            eval=GPU_EVAL,
+            eval=scales.GPU_EVAL,
             cost="3 cells x about 15 minutes on one H100 (estimated)",
             needs=("data.root",),
         ),
         "paper": Scale(
-            base=lambda: paper_base("imagenet-unet-128"),
+            base=lambda: scales.paper_base("imagenet-unet-128"),
             rows=_rows([128, 64, 32, 16]),
-            eval=PAPER_EVAL,
+            eval=scales.PAPER_EVAL,
             cost="3 cells x weeks on many GPUs",
             needs=("data.root",),
         ),

@@ -12,15 +12,8 @@ other levels unchanged).
 
 from __future__ import annotations
 
+from sdiff.ablations import scales
 from sdiff.ablations.grid import Axis, Scale, Table
-from sdiff.ablations.scales import (
-    GPU_EVAL,
-    PAPER_EVAL,
-    SMOKE_EVAL,
-    gpu_base,
-    paper_base,
-    smoke_base,
-)
 
 
 def _depths(depths: tuple[int, ...]) -> tuple[Axis, ...]:
@@ -48,22 +41,22 @@ TABLE = Table(
     metrics=("fid", "kid_mean", "params", "gmacs"),
     scales={
         "smoke": Scale(
-            base=smoke_base,
+            base=scales.smoke_base,
             rows=_depths((2, 4, 8)),
-            eval=SMOKE_EVAL,
+            eval=scales.SMOKE_EVAL,
             cost="3 cells x 1.5-6 minutes on 2 CPU cores",
         ),
         "gpu": Scale(
-            base=gpu_base,
+            base=scales.gpu_base,
             rows=_depths((4, 8, 12)),
-            eval=GPU_EVAL,
+            eval=scales.GPU_EVAL,
             cost="3 cells x 10-25 minutes on one H100 (estimated)",
             needs=("data.root",),
         ),
         "paper": Scale(
-            base=lambda: paper_base("imagenet-unet-128"),
+            base=lambda: scales.paper_base("imagenet-unet-128"),
             rows=_unet_blocks(),
-            eval=PAPER_EVAL,
+            eval=scales.PAPER_EVAL,
             cost="3 cells x weeks on many GPUs",
             needs=("data.root",),
         ),

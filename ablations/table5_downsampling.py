@@ -14,15 +14,8 @@ paper: 512 px with U-Net 512 (2 DWT levels), patch 4, or none.
 
 from __future__ import annotations
 
+from sdiff.ablations import scales
 from sdiff.ablations.grid import Axis, Scale, Table
-from sdiff.ablations.scales import (
-    GPU_EVAL,
-    PAPER_EVAL,
-    SMOKE_EVAL,
-    gpu_base,
-    paper_base,
-    smoke_base,
-)
 
 
 def _rows(res: int, factor: int, levels: int, base_ch: int, ch: int) -> tuple[Axis, ...]:
@@ -92,20 +85,20 @@ TABLE = Table(
         "smoke": Scale(
             base=lambda: _mnist64(),
             rows=_rows(64, 4, 2, 16, 32),
-            eval=SMOKE_EVAL,
+            eval=scales.SMOKE_EVAL,
             cost="3 cells x 2-5.5 minutes on 2 CPU cores",
         ),
         "gpu": Scale(
-            base=gpu_base,
+            base=scales.gpu_base,
             rows=_rows(128, 4, 2, 64, 128),
-            eval=GPU_EVAL,
+            eval=scales.GPU_EVAL,
             cost="3 cells x 15-40 minutes on one H100 (estimated)",
             needs=("data.root",),
         ),
         "paper": Scale(
-            base=lambda: paper_base("imagenet-unet-512"),
+            base=lambda: scales.paper_base("imagenet-unet-512"),
             rows=_paper_rows(),
-            eval=PAPER_EVAL,
+            eval=scales.PAPER_EVAL,
             cost="3 cells x weeks on many GPUs",
             needs=("data.root",),
         ),
@@ -116,5 +109,5 @@ TABLE = Table(
 def _mnist64():
     from dataclasses import replace
 
-    base = smoke_base()
+    base = scales.smoke_base()
     return replace(base, data=replace(base.data, mnist_mode="resize"))

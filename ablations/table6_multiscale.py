@@ -13,15 +13,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from sdiff.ablations import scales
 from sdiff.ablations.grid import Axis, Scale, Table
-from sdiff.ablations.scales import (
-    GPU_EVAL,
-    PAPER_EVAL,
-    SMOKE_EVAL,
-    gpu_base,
-    paper_base,
-    smoke_base,
-)
 
 
 def _rows(base: int) -> tuple[Axis, ...]:
@@ -36,7 +29,7 @@ def _rows(base: int) -> tuple[Axis, ...]:
 
 
 def _smoke64():
-    base = smoke_base()
+    base = scales.smoke_base()
     return replace(
         base,
         model=replace(base.model, resolution=64, patch_size=4),
@@ -45,7 +38,7 @@ def _smoke64():
 
 
 def _gpu128():
-    base = gpu_base()
+    base = scales.gpu_base()
     return replace(
         base,
         model=replace(base.model, resolution=128, patch_size=4),
@@ -63,18 +56,18 @@ TABLE = Table(
         "smoke": Scale(
             base=_smoke64,
             rows=_rows(16),
-            eval=SMOKE_EVAL,
+            eval=scales.SMOKE_EVAL,
             cost="2 cells x about 2 minutes on 2 CPU cores",
         ),
         "gpu": Scale(
             base=_gpu128,
             rows=_rows(32),
-            eval=GPU_EVAL,
+            eval=scales.GPU_EVAL,
             cost="2 cells x about 25 minutes on one H100 (estimated)",
             needs=("data.root",),
         ),
         "paper": Scale(
-            base=lambda: paper_base("imagenet-uvit-l-256"),
+            base=lambda: scales.paper_base("imagenet-uvit-l-256"),
             rows=_rows(32),
             columns=(
                 Axis("256", (), "256 px"),
@@ -88,7 +81,7 @@ TABLE = Table(
                     "512 px",
                 ),
             ),
-            eval=PAPER_EVAL,
+            eval=scales.PAPER_EVAL,
             cost="4 cells x weeks on many GPUs",
             needs=("data.root",),
         ),

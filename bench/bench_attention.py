@@ -19,7 +19,6 @@ git SHA and date; a table is printed (and written as markdown with ``--markdown`
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -29,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from sdiff.util.cli_args import ExtendList
+from sdiff.util.files import append_csv_row, atomic_write_text, ensure_folder
 from sdiff.util.provenance import git_sha
+from sdiff.util.tables import markdown_table
 
 SDPA = {
     "sdpa-flash": "FLASH_ATTENTION",
@@ -143,12 +144,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"FLOPs: forward 4 B H N^2 D, backward 2.5x forward.\n\n")  # fmt: skip
     cols = ["mode", "head_dim", "seq_len", "batch", "heads", "backend", "ms", "tflops",
             "ratio_flash", "ratio_cudnn", "ratio_best_sdpa", "status"]  # fmt: skip
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append(
-            "| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |"
-        )
-    return head + "\n".join(lines) + "\n"
+    return head + markdown_table(cols, [[r.get(c) for c in cols] for r in rows], right=range(1, 11))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,19 +185,13 @@ def main(argv: list[str] | None = None) -> int:
                     shown = f"{row['tflops']:8.1f} TFLOP/s" if row["tflops"] else row["status"]
                     print(f"{mode:8} D={d:<4} N={n:<6} {backend:15} {shown}", flush=True)
     add_ratios(rows)
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(rows[0]) if rows else []
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fields)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    path = ensure_folder(Path(args.csv).parent) / Path(args.csv).name
+    for row in rows:
+        append_csv_row(path, list(rows[0]), row)
     table = markdown(rows, meta)
     print("\n" + table)
     if args.markdown:
-        Path(args.markdown).write_text(table)
+        atomic_write_text(args.markdown, table)
     print(f"rows appended to {path}")
     return 0
 

@@ -43,6 +43,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sdiff.util.tables import markdown_table
+
 FAILING = ("SLOWER", "FAILED")
 # Run as ``python -c PROBE <pytest args>`` in a side's checkout: pytest with a plugin that
 # records the files of the sdiff modules the run imported.
@@ -205,14 +207,6 @@ def format_table(rows: list[Row], threshold: float) -> str:
     header = ["benchmark", "base median", "head median", "head/base", "verdict"]
     body = [[names[r.name], fmt_time(r.base), fmt_time(r.head),
              "-" if r.ratio is None else f"{r.ratio:.3f}", r.verdict] for r in rows]  # fmt: skip
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = [c.rjust(w) for c, w in zip(cells[1:4], widths[1:4], strict=True)]
-        return "| " + " | ".join([first, *rest, cells[4].ljust(widths[4])]) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     worst = max((r.ratio for r in rows if r.ratio is not None), default=None)
     n_bad = sum(r.verdict in FAILING for r in rows)
     summary = (
@@ -222,7 +216,7 @@ def format_table(rows: list[Row], threshold: float) -> str:
     )
     if worst is not None:
         summary += f"; largest head/base {worst:.3f}"
-    return "\n".join([line(header), rule, *map(line, body), "", summary])
+    return markdown_table(header, body, right=(1, 2, 3)) + "\n" + summary
 
 
 # -- the job ---------------------------------------------------------------------------

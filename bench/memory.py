@@ -79,7 +79,6 @@ The counting machinery (saved-tensor counter, live-tensor tracker, autocast sema
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import os
@@ -106,6 +105,7 @@ from sdiff.models.presets import PRESETS, ModelConfig, build_model, get_preset
 from sdiff.models.registry import is_model_config
 from sdiff.models.unet import UNetConfig
 from sdiff.models.uvit import TextCondition
+from sdiff.util.files import append_csv_row, ensure_folder
 
 __all__ = [
     "MemoryReport",
@@ -707,14 +707,9 @@ def _append_csv(path: str, rows: list[dict]) -> None:
         | {f"measured_{k}": v for k, v in r.get("measured", {}).items()}
         for r in rows
     ]
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    new = not p.exists()
-    with open(p, "a", newline="") as f:
-        w = csv.DictWriter(f, list(flat[0]))
-        if new:
-            w.writeheader()
-        w.writerows(flat)
+    ensure_folder(Path(path).parent)
+    for row in flat:
+        append_csv_row(path, list(flat[0]), row)
 
 
 def memory_main(args: list[str] | None = None) -> int:

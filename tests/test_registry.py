@@ -200,19 +200,9 @@ TINY_UNET = UNetConfig(
 
 def test_unet_at_a_higher_resolution_adds_dwt_levels():
     assert TINY_UNET.at_resolution(32) is TINY_UNET
-    assert TINY_UNET.at_resolution(128) == UNetConfig(
-        resolution=128,
-        channels=(16, 32, 64),
-        blocks_down=(1, 1, 2),
-        blocks_up=(1, 1, 3),
-        attention_resolutions=(16, 8),
-        head_dim=16,
-        dropout=0.1,
-        dropout_resolutions=(32, 8),
-        num_classes=5,
-        norm_groups=4,
-        downsample="dwt",
-        dwt_levels=2,
+    # the same network behind two DWT levels (32 -> 128 px); every other field kept
+    assert TINY_UNET.at_resolution(128) == replace(
+        TINY_UNET, resolution=128, downsample="dwt", dwt_levels=2
     )
     # a DWT U-Net keeps its levels and adds to them: the presets are these moves
     assert get_preset("unet-128").at_resolution(256) == get_preset("unet-256")
@@ -224,17 +214,9 @@ def test_unet_at_a_higher_resolution_adds_dwt_levels():
 
 
 def test_unet_at_a_lower_resolution_scales_its_attention_and_dropout_sides():
-    assert TINY_UNET.at_resolution(16) == UNetConfig(
-        resolution=16,
-        channels=(16, 32, 64),
-        blocks_down=(1, 1, 2),
-        blocks_up=(1, 1, 3),
-        attention_resolutions=(8, 4),
-        head_dim=16,
-        dropout=0.1,
-        dropout_resolutions=(16, 4),
-        num_classes=5,
-        norm_groups=4,
+    # half the image: attention at (16, 8) -> (8, 4), dropout at (32, 8) -> (16, 4)
+    assert TINY_UNET.at_resolution(16) == replace(
+        TINY_UNET, resolution=16, attention_resolutions=(8, 4), dropout_resolutions=(16, 4)
     )
     assert get_preset("unet-tiny-32").at_resolution(16) == replace(
         get_preset("unet-tiny-32"),

@@ -22,6 +22,8 @@ exit code per kind (``sdiff.util.errors``); ``sdiff --debug COMMAND ...`` shows 
 This module is only the parser: it imports no torch, so ``sdiff --help`` answers at once; the
 commands (``sdiff.cli.commands``) load torch and the core library when one runs, and the
 applications (ablations, benchmarks, reports) inside the command that uses them.
+
+May import: everything (the top layer); at module level only ``sdiff.util``.
 """
 
 from __future__ import annotations

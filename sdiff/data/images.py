@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from sdiff.util.files import atomic_write_with
 
 __all__ = [
     "from_uint8",
@@ -119,14 +120,7 @@ def _to_pil(image: Tensor) -> Image.Image:
 
 
 def _write_png_atomic(image: Image.Image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_with(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _png_path(path: str | os.PathLike) -> Path:
