@@ -104,6 +104,16 @@ def write(path: Path, text: str = "") -> None:
     path.write_text(text)
 
 
+def test_a_checkout_without_sdiff_is_refused(tmp_path):
+    """A side runs in its checkout: one without sdiff/ (a revision before the package, or the
+    wrong repository) is bad input, before any pytest starts."""
+    (tmp_path / "tree" / "bench" / "perf").mkdir(parents=True)
+    with pytest.raises(cmp.BadInput, match=r"has no sdiff/__init__\.py"):
+        cmp.run_side(python=sys.executable, tree=tmp_path / "tree",
+                     perf_dir=tmp_path / "tree/bench/perf", out_json=tmp_path / "o.json",
+                     select=None)  # fmt: skip
+
+
 # -- whole runs on fake repositories -----------------------------------------------------------
 
 FAKE_PERF = """\
