@@ -1,7 +1,7 @@
 """The Triton flash-attention kernel against a float64 reference, forward and backward.
 
 On CPU the kernel runs in the Triton interpreter (tests/conftest.py); on a GPU natively. The
-acceptance rule (../shared/STYLE.md): the kernel's largest error against float64 is at most
+acceptance rule of this project: the kernel's largest error against float64 is at most
 twice PyTorch's own at the same dtype (SDPA on the same inputs), where PyTorch's own error is
 floored at the error of rounding the exact float64 result to that dtype, which no
 implementation that returns that dtype can beat.
