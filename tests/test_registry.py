@@ -239,22 +239,8 @@ def test_uvit_at_resolution_changes_the_patch_size():
     assert get_preset("uvit-l-512").at_resolution(256) == uvit_l
     assert uvit_l.at_resolution(128).patch_size == 1
     tiny = get_preset("uvit-tiny-32")  # patch 2, one conv level, transformer at 8: inner 16
-    assert tiny.at_resolution(64) == UViTConfig(
-        resolution=64,
-        downsample="patch",
-        patch_size=4,
-        channels=(32,),
-        blocks_down=(1,),
-        blocks_up=(1,),
-        transformer_resolution=8,
-        width=64,
-        depth=2,
-        head_dim=32,
-        dropout=0.1,
-        dropout_resolutions=(8,),
-        num_classes=10,
-        norm_groups=8,
-    )
+    # the same model with a 4x4 patch (64 -> 16 px); every other field kept
+    assert tiny.at_resolution(64) == replace(tiny, resolution=64, patch_size=4)
     for unreachable in (200, 64):
         message = rf"{unreachable} px cannot reach this U-ViT's 16x16 transformer through its conv"
         with pytest.raises(ValueError, match=message):
