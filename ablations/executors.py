@@ -77,6 +77,7 @@ class GridJob:
     rows: tuple[str, ...] | None
     overrides: tuple[str, ...]
     out_dir: str
+    seeds: tuple[int, ...] | None = None
     retry_failed_before: float | None = None  # retry cells that failed before this time
     device: str | None = None
     progress: bool = False  # the cell's own training bar
@@ -94,7 +95,10 @@ class GridJob:
 
             table = get_table(table)
         rows = list(self.rows) if self.rows else None
-        return table, expand(table, self.scale, rows=rows, overrides=list(self.overrides))
+        seeds = list(self.seeds) if self.seeds else None
+        return table, expand(
+            table, self.scale, rows=rows, overrides=list(self.overrides), seeds=seeds
+        )
 
     def open_store(self) -> ResultsStore:
         return ResultsStore(
@@ -193,9 +197,12 @@ def _write_cell_json(run_dir: Path, cell: Cell) -> None:
     record = {
         "hash": cell.hash,
         "table": cell.table,
+        "grid": cell.grid,
         "scale": cell.scale,
         "row": cell.row,
         "column": cell.column,
+        "axes": dict(cell.axes),
+        "seed": cell.seed,
         "kind": cell.kind,
         "spec": cell.spec,
     }

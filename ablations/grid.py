@@ -1,9 +1,11 @@
-"""A paper table as a grid of config overrides, and its expansion into cells.
+"""An ablation grid (a paper table or a user's grid file) and its expansion into cells.
 
-A ``Table`` names its rows and columns; each is a list of ``--set``-style overrides
-(``sdiff.training.config.apply_overrides``) applied to the scale preset's base config, columns
-first, then rows. A ``Scale`` (``smoke``, ``gpu``, ``paper``) gives the base config, the rows and
-columns run at that scale, and how cells are evaluated. Expanding a table at a scale gives
+A ``Table`` names its rows and columns, and optionally further axes; each entry is a list of
+``--set``-style overrides (``sdiff.training.config.apply_overrides``) applied to the scale's
+base config: the scale's own overrides, then columns, rows, extra axes, and the seed last
+(``train.seed``, one cell per seed). Grid files (``ablations.gridfile``) declare them. A
+``Scale`` (``smoke``, ``gpu``, ``paper``) gives the base config, the rows and columns run at
+that scale, and how cells are evaluated. Expanding a table at a scale gives
 ``Cell``s; a cell is identified by the hash of its ``spec``: the resolved run config, the
 evaluation settings (``eval_identity``: the fields of its ``sdiff.eval.spec.EvalSpec`` that
 decide the numbers) and the kind of work (train+evaluate, or a computation such as Table 1's).
@@ -14,6 +16,7 @@ tell finished work from work still to do.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +77,9 @@ class Scale:
     eval: EvalSpec = DEFAULT_EVAL
     cost: str = ""  # expected cost, for the docstring and --list
     needs: tuple[str, ...] = ()  # overrides the user must give, e.g. ("data.root",)
+    axes: tuple[tuple[str, tuple[Axis, ...]], ...] = ()  # extra axes: (axis name, values)
+    seeds: tuple[int, ...] = ()  # one cell per seed (train.seed); () keeps the base's seed
+    overrides: tuple[str, ...] = ()  # applied to the base before columns and rows
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,14 @@ class Table:
     # a computation instead of training (Table 1): (RunConfig) -> metrics
     compute: Callable[[RunConfig], dict[str, float]] | None = None
     notes: str = ""
+    grid: str = ""  # a user grid's name (its store folder is <grid>-<scale>); "" for tables
+    source: str = ""  # the grid file it was read from
+    lower_is_better: tuple[str, ...] = ()  # metrics beyond the known ones (report arrows)
+
+    @property
+    def slug(self) -> str:
+        """What names its store folder and report files: ``table2``, or the grid's name."""
+        return self.grid or f"table{self.number}"
 
     def scale(self, name: str) -> Scale:
         if name not in self.scales:
@@ -108,6 +122,16 @@ class Cell:
     config: RunConfig
     eval: EvalSpec
     kind: str  # "train" or "compute"
+    grid: str = ""  # the Table's slug
+    axes: tuple[tuple[str, str], ...] = ()  # (axis, value) of the extra axes
+    seed: int | None = None  # given by the grid's seeds; None: the base's
+
+    @property
+    def label(self) -> str:
+        """row / column [/ axis=value ...] [seed N]: the cell in words."""
+        parts = [self.row] + ([self.column] if self.column != "all" else [])
+        parts += [f"{a}={v}" for a, v in self.axes]
+        return " / ".join(parts) + ("" if self.seed is None else f" seed {self.seed}")
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -133,9 +157,12 @@ def expand(
     *,
     rows: list[str] | None = None,
     overrides: list[str] | None = None,
+    seeds: list[int] | None = None,
 ) -> list[Cell]:
-    """Every cell of ``table`` at ``scale`` (rows x columns), optionally only some rows, with
-    extra overrides applied last (e.g. ``data.root=...`` for the gpu and paper scales)."""
+    """Every cell of ``table`` at ``scale`` (rows x columns x extra axes x seeds), optionally
+    only some rows, with extra overrides applied after the grid's own (e.g. ``data.root=...``
+    for the gpu and paper scales). ``seeds`` replaces the scale's seeds; without either a cell
+    keeps its base's seed (and the hash it has always had)."""
     s = table.scale(scale)
     given = {o.partition("=")[0] for o in overrides or []}
     missing = [key for key in s.needs if key not in given]
@@ -152,15 +179,36 @@ def expand(
             raise ValueError(
                 f"table {table.number} has no row(s) {unknown} at {scale}; rows: {known}"
             )
+    seed_list: list[int | None] = list(seeds if seeds else s.seeds) or [None]
+    if len(set(seed_list)) != len(seed_list):
+        raise ValueError(f"seeds {seed_list} repeat a seed")
+    kind = "compute" if table.compute is not None else "train"
+    base = s.base()
     cells = []
     for row in s.rows:
         if rows and row.name not in rows:
             continue
         for col in s.columns:
-            config = apply_overrides(s.base(), [*col.overrides, *row.overrides, *(overrides or [])])
-            kind = "compute" if table.compute is not None else "train"
-            cells.append(Cell(table.number, scale, row.name, col.name, config, s.eval, kind))
-    hashes = [c.hash for c in cells]
-    if len(set(hashes)) != len(hashes):
-        raise ValueError(f"table {table.number} at {scale}: two cells resolve to the same config")
+            for extra in itertools.product(*(values for _, values in s.axes)):
+                names = tuple(
+                    (axis, value.name) for (axis, _), value in zip(s.axes, extra, strict=True)
+                )
+                given = [*s.overrides, *col.overrides, *row.overrides]
+                given += [o for value in extra for o in value.overrides]
+                given += list(overrides or [])
+                for seed in seed_list:
+                    seeded = given if seed is None else [*given, f"train.seed={seed}"]
+                    config = apply_overrides(base, seeded)
+                    cells.append(
+                        Cell(table.number, scale, row.name, col.name, config, s.eval, kind,
+                             table.slug, names, seed)
+                    )  # fmt: skip
+    by_hash: dict[str, Cell] = {}
+    for c in cells:
+        if c.hash in by_hash:
+            raise ValueError(
+                f"{table.slug} at {scale}: cells {by_hash[c.hash].label!r} and {c.label!r} "
+                f"resolve to the same config"
+            )
+        by_hash[c.hash] = c
     return cells

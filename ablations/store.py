@@ -27,8 +27,15 @@ owner's result; its heartbeat learns of the loss and its cell stops at the next 
 (``ablations.executors``), and the cell folder's own lock (``sdiff.util.runlock``) keeps the new
 owner out of the folder until the old one has let go of it.
 
-The file carries a schema version in its ``meta`` table; a store written with another version
-is refused with both versions named, never migrated or overwritten.
+The file carries a schema version in its ``meta`` table. Version 2 added four nullable columns
+(``grid``, ``axes``, ``seed``, ``source``: the grid a cell was declared in, its extra axes, its
+seed, and the store a cached result was copied from); a version-1 store is upgraded in place by
+adding them, in one transaction that changes no existing value. A store of any other version is
+refused with both versions named, never migrated or overwritten.
+
+A cell done in another store (``sdiff ablate --cache``, or any store under the same root) is
+``adopt``-ed: its row is inserted ``done`` with the other store's metrics, wall time, device,
+versions and SHA, and ``source`` naming that store.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ __all__ = [
     "retire_owner",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STALE_AFTER_S = 600.0  # a heartbeat this old means a remote owner is gone
 LIVE_GRACE_S = 3600.0  # a local owner whose process exists: only a heartbeat this old
 STORE_NAME = "results.sqlite"  # a grid folder: STORE_NAME beside cells/<hash>/ run folders
@@ -94,12 +101,18 @@ CREATE TABLE IF NOT EXISTS cells (
     git_sha TEXT,                    -- sdiff.util.provenance.git_sha() of the runner
     error TEXT,                      -- traceback of the last failed attempt
     owner TEXT,                      -- "host:pid:token" of the runner that claimed it last
-    heartbeat REAL                   -- unix time, refreshed while running
+    heartbeat REAL,                  -- unix time, refreshed while running
+    grid TEXT,                       -- the grid's slug: table2, or a grid file's name (v2)
+    axes TEXT,                       -- JSON {axis: value} of axes beyond row and column (v2)
+    seed INTEGER,                    -- train.seed of the cell's config (v2)
+    source TEXT                      -- a cached result: the store it was copied from (v2)
 );
 CREATE INDEX IF NOT EXISTS cells_by_table ON cells (table_number, scale);
 """
 
-_JSON_FIELDS = ("spec", "metrics", "versions")
+_JSON_FIELDS = ("spec", "metrics", "versions", "axes")
+# columns version 2 added to version 1 (all nullable): ``_upgrade_v1`` adds them
+_V2_COLUMNS = (("grid", "TEXT"), ("axes", "TEXT"), ("seed", "INTEGER"), ("source", "TEXT"))
 
 # Owners (runners) alive in this process: a claim whose owner names this process is live only
 # while its runner is (a runner that raised and ended left its claim behind).
@@ -331,6 +344,9 @@ class ResultsStore:
                     [("schema_version", str(SCHEMA_VERSION)), ("created_at", _now_text())],
                 )
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row and row[0] == "1":
+                _upgrade_v1(conn)
+                row = (str(SCHEMA_VERSION),)
         found = row[0] if row else None
         if found != str(SCHEMA_VERSION):
             raise StoreError(
@@ -357,6 +373,9 @@ class ResultsStore:
                 json.dumps(c.spec, sort_keys=True),
                 config_hash(c.config),
                 now,
+                getattr(c, "grid", None) or f"table{c.table}",
+                json.dumps(dict(getattr(c, "axes", ()) or ()), sort_keys=True),
+                c.config.train.seed,
             )
             for c in cells
         ]
@@ -364,11 +383,36 @@ class ResultsStore:
             before = conn.total_changes
             conn.executemany(
                 "INSERT OR IGNORE INTO cells (hash, table_number, scale, row_name, column_name, "
-                "kind, spec, config_hash, status, added_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                "kind, spec, config_hash, status, added_at, grid, axes, seed) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
                 rows,
             )
             return conn.total_changes - before
+
+    def adopt(self, hash: str, done: dict[str, Any], source: str | os.PathLike[str]) -> bool:
+        """Record cell ``hash`` (already added here) as done with the result of ``done``, the
+        row of the same cell in another store (``source``), unless it is done or running here
+        already. Returns whether it was adopted."""
+        if done.get("status") != "done" or done.get("hash") != hash:
+            raise ValueError(f"adopting cell {hash}: the source row is not that cell, done")
+        with self._transaction("adopting a cached result") as conn:
+            cur = conn.execute(
+                "UPDATE cells SET status = 'done', metrics = ?, wall_s = ?, device = ?, "
+                "versions = ?, git_sha = ?, started_at = ?, finished_at = ?, error = NULL, "
+                "source = ? WHERE hash = ? AND status IN ('pending', 'failed')",
+                (
+                    json.dumps(done.get("metrics") or {}, sort_keys=True, default=str),
+                    done.get("wall_s"),
+                    done.get("device"),
+                    json.dumps(done.get("versions") or {}, sort_keys=True),
+                    done.get("git_sha"),
+                    done.get("started_at"),
+                    done.get("finished_at"),
+                    str(source),
+                    hash,
+                ),
+            )
+            return cur.rowcount == 1
 
     def _claimable(
         self, row: dict[str, Any], retry_failed: bool, failed_before: float | None
@@ -534,6 +578,25 @@ class ResultsStore:
 
     def schema_version(self) -> int:
         return int(self._read("SELECT value FROM meta WHERE key = 'schema_version'")[0]["value"])
+
+
+def _upgrade_v1(conn: sqlite3.Connection) -> None:
+    """Version 1 -> 2 inside the caller's transaction: add the nullable columns, fill ``grid``
+    and ``seed`` from what version 1 rows hold (their table and spec); nothing else changes."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(cells)")}
+    for name, kind in _V2_COLUMNS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE cells ADD COLUMN {name} {kind}")
+    for hash, table, spec in conn.execute("SELECT hash, table_number, spec FROM cells").fetchall():
+        seed = json.loads(spec).get("config", {}).get("train", {}).get("seed")
+        conn.execute(
+            "UPDATE cells SET grid = ?, seed = ?, axes = '{}' WHERE hash = ?",
+            (f"table{table}", seed, hash),
+        )
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('upgraded_from_1_at', ?)", (_now_text(),)
+    )
 
 
 def _decode(row: dict[str, Any]) -> dict[str, Any]:

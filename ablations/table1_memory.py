@@ -1,4 +1,5 @@
-"""Table 1: memory of convolution kernels vs feature maps per resolution, at batch 1024.
+"""Table 1's computation (its grid: ``ablations/grids/table1.yaml``): memory of convolution
+kernels vs feature maps per resolution, at batch 1024.
 
     sdiff ablate 1 --preset smoke                       # seconds: computed, nothing trained
 
@@ -18,7 +19,6 @@ the same computation.
 
 from __future__ import annotations
 
-from sdiff.ablations.grid import Axis, Scale, Table
 from sdiff.data.datasets import DataConfig
 from sdiff.models.unet import UNetConfig
 from sdiff.training.config import RunConfig
@@ -56,31 +56,9 @@ def compute(config: RunConfig) -> dict[str, float]:
     return metrics
 
 
-def _config(model) -> RunConfig:
+def base_config() -> RunConfig:
+    """The grid's base: U-Net 512 (the other row swaps in U-ViT L 512)."""
     return RunConfig(
-        model=model,
-        data=DataConfig(name="folder", resolution=model.resolution, channels=3, root="unused"),
+        model=UNET_512,
+        data=DataConfig(name="folder", resolution=512, channels=3, root="unused"),
     )
-
-
-def _scale() -> Scale:
-    return Scale(
-        base=lambda: _config(UNET_512),
-        rows=(
-            Axis("unet-512", (), "U-Net 512 (channels 128..1024)"),
-            Axis("uvit-l-512", ("model=uvit-l-512",), "U-ViT L 512"),
-        ),
-        cost="seconds on any machine (nothing is trained)",
-    )
-
-
-TABLE = Table(
-    number=1,
-    name="memory",
-    aliases=("kernels", "table1"),
-    title="Memory of 3x3 kernels vs feature maps per resolution (batch 1024)",
-    metrics=("kernel_mib", "feature_gib", "ratio"),
-    scales={"smoke": _scale(), "gpu": _scale(), "paper": _scale()},
-    compute=compute,
-    notes="feature maps in bf16 at batch 1024, kernels in fp32; computed, not measured",
-)

@@ -209,7 +209,7 @@ def test_duplicate_cells_unknown_rows_and_presets_are_errors(capsys):
                                       Axis("b", ("train.lr=1e-3",))))},
         compute=param_count,
     )  # fmt: skip
-    with pytest.raises(ValueError, match="two cells resolve to the same config"):
+    with pytest.raises(ValueError, match=r"cells .a. and .b. resolve to the same config"):
         expand(same, "smoke")
     with pytest.raises(ValueError, match=r"no row\(s\) \['nope'\]"):
         expand(COUNT, "smoke", rows=["nope"])
@@ -356,7 +356,7 @@ def test_full_disk_on_finish_is_reported_and_loses_nothing(
 def test_a_failing_cell_is_recorded_and_the_others_run(tmp_path, seed_log, monkeypatch):
     monkeypatch.setenv("SDIFF_TEST_FAIL_SEED", "3")
     lines = []
-    rows = run_grid(SEEDS, "smoke", tmp_path, progress=False, log=lines.append)
+    rows = run_grid(SEEDS, "smoke", tmp_path / "grid", progress=False, log=lines.append)
     assert statuses(rows) == {f"s{i}": "failed" if i == 3 else "done" for i in range(6)}
     assert seed_log() == [0, 1, 2, 3, 4, 5]
     failed = rows[3]
@@ -368,12 +368,14 @@ def test_a_failing_cell_is_recorded_and_the_others_run(tmp_path, seed_log, monke
     assert "1 failed" in lines[-1] and "--retry-failed reruns them" in lines[-1]
     # a rerun reports the failed cell and leaves it alone
     lines.clear()
-    rows = run_grid(SEEDS, "smoke", tmp_path, progress=False, log=lines.append)
+    rows = run_grid(SEEDS, "smoke", tmp_path / "grid", progress=False, log=lines.append)
     assert seed_log() == [0, 1, 2, 3, 4, 5] and rows[3]["status"] == "failed"
     assert "5 done already (skipped); 1 failed before (not rerun; --retry-failed" in lines[0]
     # ... unless asked to: it runs once more (and now succeeds)
     monkeypatch.delenv("SDIFF_TEST_FAIL_SEED")
-    rows = run_grid(SEEDS, "smoke", tmp_path, progress=False, retry_failed=True, log=lines.append)
+    rows = run_grid(
+        SEEDS, "smoke", tmp_path / "grid", progress=False, retry_failed=True, log=lines.append
+    )
     assert seed_log() == [0, 1, 2, 3, 3, 4, 5]
     assert rows[3]["status"] == "done" and rows[3]["attempts"] == 2 and rows[3]["error"] is None
 
@@ -386,11 +388,13 @@ def test_an_interrupted_runner_gives_its_cell_back(tmp_path, seed_log, monkeypat
 
     monkeypatch.setattr(cell_mod, "execute", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_grid(SEEDS, "smoke", tmp_path, rows=["s0"], progress=False, log=lambda s: None)
-    (row,) = ResultsStore(tmp_path / "results.sqlite").rows()
+        run_grid(SEEDS, "smoke", tmp_path / "grid", rows=["s0"], progress=False, log=lambda s: None)
+    (row,) = ResultsStore(tmp_path / "grid" / "results.sqlite").rows()
     assert (row["status"], row["attempts"], row["heartbeat"]) == ("pending", 1, None)
     monkeypatch.setattr(cell_mod, "execute", real_execute)
-    (row,) = run_grid(SEEDS, "smoke", tmp_path, rows=["s0"], progress=False, log=lambda s: None)
+    (row,) = run_grid(
+        SEEDS, "smoke", tmp_path / "grid", rows=["s0"], progress=False, log=lambda s: None
+    )
     assert (row["status"], row["attempts"]) == ("done", 2) and seed_log() == [0]
 
 
@@ -529,26 +533,27 @@ def test_submitit_local_round_trip(tmp_path, seed_log, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", subprocess_env()["PYTHONPATH"])  # jobs import this module
     lines = []
     opts = {"cluster": "local", "timeout_min": 5}
-    rows = run_grid(SEEDS, "smoke", tmp_path, rows=["s0", "s1"], executor="slurm",
+    rows = run_grid(SEEDS, "smoke", tmp_path / "grid", rows=["s0", "s1"], executor="slurm",
                     executor_options=opts, progress=False, log=lines.append)  # fmt: skip
     assert [r["status"] for r in rows] == ["done", "done"] and seed_log() == [0, 1]
     assert any(line.startswith("submitted 2 local job(s)") for line in lines)
     pids = {int(r["owner"].split(":")[1]) for r in rows}
     assert len(pids) == 2 and os.getpid() not in pids  # each job ran its own cell
-    assert list((tmp_path / "submitit").glob("*/*_log.out"))
+    assert list((tmp_path / "grid" / "submitit").glob("*/*_log.out"))
     lines.clear()
-    rows = run_grid(SEEDS, "smoke", tmp_path, rows=["s0", "s1"], executor="slurm",
+    rows = run_grid(SEEDS, "smoke", tmp_path / "grid", rows=["s0", "s1"], executor="slurm",
                     executor_options=opts, progress=False, log=lines.append)  # fmt: skip
     assert not any("submitted" in line for line in lines) and seed_log() == [0, 1]
     with pytest.raises(ValueError, match="submitit rejected the executor options"):
-        run_grid(SEEDS, "smoke", tmp_path, executor="slurm", progress=False,
+        run_grid(SEEDS, "smoke", tmp_path / "grid", executor="slurm", progress=False,
                  executor_options={**opts, "no_such_option": 1}, log=lines.append)  # fmt: skip
 
 
 @pytest.mark.skipif(bool(__import__("shutil").which("sbatch")), reason="SLURM is present")
 def test_slurm_without_slurm_says_how_to_run_locally(tmp_path):
     with pytest.raises(ValueError, match=r"found no SLURM here.*cluster=local"):
-        run_grid(SEEDS, "smoke", tmp_path, executor="slurm", progress=False, log=lambda s: None)
+        run_grid(SEEDS, "smoke", tmp_path / "grid", executor="slurm", progress=False,
+                 log=lambda s: None)  # fmt: skip
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -562,25 +567,27 @@ def test_gpus_executor_without_gpus_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpus_executor_gives_each_worker_one_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", subprocess_env()["PYTHONPATH"])
-    rows = run_grid(COUNT, "smoke", tmp_path, executor="gpus", progress=False)
+    rows = run_grid(COUNT, "smoke", tmp_path / "grid", executor="gpus", progress=False)
     assert [r["status"] for r in rows] == ["done"] * 4
     assert all(r["device"].startswith("cuda:0 (") for r in rows)  # each sees its GPU as 0
 
 
 @pytest.mark.filterwarnings("ignore:torch-fidelity's Inception weights could not be downloaded")
 def test_torchrun_executor_trains_with_two_processes(tmp_path):
-    (row,) = run_grid(TINY, "smoke", tmp_path, executor="torchrun", workers=2, progress=False)
+    (row,) = run_grid(
+        TINY, "smoke", tmp_path / "grid", executor="torchrun", workers=2, progress=False
+    )
     assert row["status"] == "done", row["error"]
     assert row["device"].startswith("torchrun 2 x ") and row["metrics"]["num_generated"] == 8
-    run = tmp_path / "cells" / row["hash"]
+    run = tmp_path / "grid" / "cells" / row["hash"]
     state = load_checkpoint(list_checkpoints(run / "checkpoints")[-1])
     assert state["step"] == 12 and len(state["rng"]) == 2  # trained by two processes
     assert "torch.distributed.run" in (run / "torchrun.log").read_text()
 
 
 # -- command line ---------------------------------------------------------------------------------
-def test_dry_run_prints_every_cell_as_json(capsys):
-    argv = ["params", "--dry-run", "--set", "train.lr=0.01", "--rows", "w64"]
+def test_dry_run_json_prints_every_cell_in_full(capsys):
+    argv = ["params", "--dry-run", "--json", "--set", "train.lr=0.01", "--rows", "w64"]
     assert ablate_main(argv, tables=FAKE_TABLES) == 0
     cells = json.loads(capsys.readouterr().out)
     expected = expand(COUNT, "smoke", rows=["w64"], overrides=["train.lr=0.01"])
@@ -609,7 +616,7 @@ def test_list_names_every_table_and_preset(capsys):
 
 
 def test_a_run_through_the_command_line_prints_its_results(tmp_path, seed_log, capsys):
-    argv = ["seeds", "--out", str(tmp_path), "--rows", "s1", "s2", "--no-progress"]
+    argv = ["seeds", "--out", str(tmp_path / "grid"), "--rows", "s1", "s2", "--no-progress"]
     assert ablate_main(argv, tables=FAKE_TABLES) == 0
     out = capsys.readouterr().out
     assert "2 done, 0 failed" in out
@@ -617,7 +624,7 @@ def test_a_run_through_the_command_line_prints_its_results(tmp_path, seed_log, c
     assert [line[:4] for line in table] == [
         ["row", "column", "status", "seed"], ["s1", "all", "done", "1"], ["s2", "all", "done", "2"]
     ]  # fmt: skip
-    assert (tmp_path / "results.sqlite").exists()
-    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == sorted(
+    assert (tmp_path / "grid" / "results.sqlite").exists()
+    assert sorted(p.name for p in (tmp_path / "grid" / "cells").iterdir()) == sorted(
         c.hash for c in expand(SEEDS, "smoke", rows=["s1", "s2"])
     )

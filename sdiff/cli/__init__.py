@@ -6,6 +6,7 @@ Commands:
   sample          draw images from a trained run (EMA weights by default)
   ablate          run a paper table's grid (``sdiff ablate 2 --preset smoke --out DIR``)
   report          the paper's tables from the results stores, plots, index (``sdiff report 2``)
+  results         the cells of results stores as CSV, JSON or Parquet, or MLflow runs
   bench           training/sampling throughput table (``sdiff bench memory``: 512 px profile)
   models          every model preset with its parameters and multiply-accumulates per forward
   schedule        print (or write as CSV) a logSNR schedule with alpha and sigma on a t grid
@@ -106,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of a failure (anywhere on the line)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_train_parser, _sample_parser, _eval_parser, _ablate_parser, _report_parser,
-                _bench_parser, _models_parser, _schedule_parser, _sampler_check_parser,
-                _demo_parser):  # fmt: skip
+                _results_parser, _bench_parser, _models_parser, _schedule_parser,
+                _sampler_check_parser, _demo_parser):  # fmt: skip
         add(sub)
     return parser
 
@@ -165,6 +166,27 @@ def _report_parser(sub) -> None:
     p = sub.add_parser("report", add_help=False, help="tables, plots, index; `sdiff report --help`")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func="report")
+
+
+def _results_parser(sub) -> None:
+    p = sub.add_parser(
+        "results",
+        help="results stores as CSV, JSON or Parquet, or MLflow runs",
+        description="One row per cell of the results stores (sdiff.ablations.results): to "
+        "stdout or --out as CSV or JSON, to --out as Parquet, or one MLflow run per done cell "
+        "(--to mlflow; exporting again adds only cells not exported yet).",
+    )
+    p.add_argument("stores", nargs="+", metavar="STORE",
+                   help="a grid folder (holding results.sqlite) or a store file")  # fmt: skip
+    p.add_argument("--format", choices=["csv", "json", "parquet"],
+                   help="default csv; parquet needs --out")  # fmt: skip
+    p.add_argument("--out", help="write this file (atomically) instead of stdout")
+    p.add_argument("--status", choices=["done", "all"], default=None,
+                   help="which cells: all (default) or only the done ones")  # fmt: skip
+    p.add_argument("--to", choices=["mlflow"], help="export to MLflow instead of a file")
+    p.add_argument("--tracking-uri", help="with --to mlflow: e.g. file:/path/mlruns")
+    p.add_argument("--experiment", help="with --to mlflow: its name (default: sdiff)")
+    p.set_defaults(func="results")
 
 
 def _bench_parser(sub) -> None:

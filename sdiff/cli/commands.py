@@ -368,6 +368,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report_main(list(args.rest))
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    """``sdiff results``: the stores' cells as a file or stdout, or as MLflow runs."""
+    from sdiff.ablations.results import export_mlflow, write_results
+
+    if args.to == "mlflow":
+        if args.format or args.out:
+            raise ValueError("--format and --out write files; --to mlflow writes MLflow runs")
+        if args.status == "all":
+            raise ValueError("--to mlflow exports the done cells only; drop --status all")
+        if not args.tracking_uri:
+            raise ValueError("--to mlflow needs --tracking-uri (e.g. file:/path/mlruns)")
+        experiment = args.experiment or "sdiff"
+        done = export_mlflow(args.stores, args.tracking_uri, experiment)
+        print(f"MLflow experiment {experiment!r} at {args.tracking_uri}: {done['added']} runs "
+              f"added, {done['skipped']} cells already there")  # fmt: skip
+        return 0
+    if args.tracking_uri or args.experiment:
+        raise ValueError("--tracking-uri and --experiment go with --to mlflow")
+    text, n = write_results(args.stores, args.format or "csv", args.out,
+                            status=args.status or "all")  # fmt: skip
+    if text is not None:
+        sys.stdout.write(text)
+    else:
+        print(f"wrote {n} cells to {Path(args.out).resolve()}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     rest = list(args.rest)
     if rest and rest[0] == "memory":
