@@ -106,10 +106,8 @@ class Table:
 
     def scale(self, name: str) -> Scale:
         if name not in self.scales:
-            raise ValueError(
-                f"table {self.number} ({self.name}) has no preset {name!r}; "
-                f"choose one of {sorted(self.scales)}"
-            )
+            what = f"table {self.number} ({self.name})" if self.number else f"grid {self.name}"
+            raise ValueError(f"{what} has no preset {name!r}; choose one of {sorted(self.scales)}")
         return self.scales[name]
 
 

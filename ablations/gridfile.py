@@ -26,8 +26,9 @@ the grids beyond the paper (``ablations/grids/extra/``). A grid file::
       smoke: {}                       # needs, seeds, rows, columns, axes (replacing the
       gpu: {base: gpu, set: {...}}    # top-level ones; set and eval add to them)
 
-Without ``scales`` the file has one scale, named after its base (``smoke``, ``gpu``) or
-``custom``. A scale's evaluation and what it needs default from its base: ``smoke`` and the
+Without ``scales`` the file has one scale, named after its base: ``smoke`` (the smoke base
+and the digits presets), ``gpu``, ``paper`` (the ImageNet presets) or ``custom``. A scale's
+evaluation and what it needs default from its base: ``smoke`` and the
 digits presets evaluate as the smoke tables do (200 samples), ``gpu`` as the gpu tables
 (10k) and the ImageNet run presets as the paper (50k), and those two need
 ``--set data.root=...``. Override values are written as on the command line: a scalar's text
@@ -51,7 +52,7 @@ from typing import Any
 
 import yaml
 
-from sdiff.ablations.grid import SCALES, Axis, Scale, Table, expand
+from sdiff.ablations.grid import Axis, Scale, Table, expand
 from sdiff.eval.spec import EvalSpec
 
 __all__ = ["Base", "GridFileError", "load_grid", "shipped_grids"]
@@ -115,6 +116,15 @@ class Base:
         if self.name.startswith("imagenet"):
             return scales.PAPER_EVAL
         return scales.SMOKE_EVAL
+
+    def scale_name(self) -> str:
+        """The scale a file without ``scales`` runs at: smoke for the smoke base and the digits
+        presets, gpu for gpu, paper for the ImageNet presets, else custom."""
+        if self.name in ("smoke", "gpu"):
+            return self.name
+        if self.name.startswith("digits"):
+            return "smoke"
+        return "paper" if self.name.startswith("imagenet") else "custom"
 
     def default_needs(self) -> tuple[str, ...]:
         return ("data.root",) if self.name == "gpu" or self.name.startswith("imagenet") else ()
@@ -285,7 +295,7 @@ def load_grid(path: str | Path) -> Table:
     else:
         base_node = shared.get("base", (None, None))[1]
         base_name = r.text(base_node, "base") if base_node is not None else ""
-        per_scale = {base_name if base_name in SCALES else "custom": None}
+        per_scale = {Base(base_name).scale_name(): None}
     scales, located = {}, {}
     for scale_name, node in per_scale.items():
         own = {}

@@ -182,5 +182,7 @@ def test_the_parser_imports_no_torch():
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('sdiff.')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['sdiff.cli', 'sdiff.util', 'sdiff.util.cli_args', " \
+    assert (
+        out.stdout.strip() == "['sdiff.cli', 'sdiff.util', 'sdiff.util.cli_args', "
         "'sdiff.util.errors']"
+    )

@@ -14,6 +14,8 @@ from sdiff.ablations.grid import expand
 from sdiff.ablations.store import ResultsStore, new_owner
 from sdiff.cli import main
 from sdiff.report import (
+    Column,
+    Entry,
     bench_plots,
     build_table_report,
     committed_reports,
@@ -21,6 +23,7 @@ from sdiff.report import (
     load_cells,
     plot_curves,
     plot_metrics,
+    print_table,
     to_latex,
     to_markdown,
     write_index,
@@ -91,16 +94,19 @@ def test_seeds_are_averaged_with_sample_std(tmp_path):
     for i, row in enumerate(["cosine", "shifted"]):
         for col, title in (("32", "32 px (shift -1.39)"), ("64", "64 px (shift -2.77)")):
             fids = np.array([m0[(row, col)]["fid"], m1[(row, col)]["fid"]])
-            want = f"{fids.mean():.1f} ± {fids.std(ddof=1):.2f} (n=2)"
-            assert frame.loc[frame.index[i], f"{title}: FID (ours)"] == want
-            assert frame.loc[frame.index[i], f"{title}: FID (paper)"] == "–"  # not transcribed
+            # means 92.5-98.5: three significant figures = one decimal, for the std too
+            want = f"{fids.mean():.1f} ± {fids.std(ddof=1):.1f} (n=2)"
+            assert frame.loc[frame.index[i], f"{title}: FID ↓ (ours)"] == want
+            assert f"{title}: FID ↓ (paper)" not in frame.columns  # all dashes: left out
     assert any("Seeds: 0, 1" in line for line in report.header)
     assert any("200 generated samples against 500 training images" in h for h in report.header)
 
 
 def test_fmt_cell_single_and_several():
     assert fmt_cell("fid", [12.345]) == "12.3"
-    assert fmt_cell("kid_mean", [0.1, 0.3]) == "0.2000 ± 0.1414 (n=2)"
+    assert fmt_cell("kid_mean", [0.1, 0.3]) == "0.200 ± 0.141 (n=2)"  # std: the mean's decimals
+    assert fmt_cell("fid", [9.5, 10.2], decimals=2) == "9.85 ± 0.49 (n=2)"
+    assert fmt_cell("params", [1.5e6]) == "1.50"  # in millions: the header says "params (M)"
     assert fmt_cell("fid", []) == "–"
 
 
@@ -120,13 +126,19 @@ def test_table7_places_ours_beside_the_literature(tmp_path):
     fill_store(tmp_path, table, metrics={("digits", "all"): {"fid": 40.0, "kid_mean": 0.03}})
     report = build_table_report(table, "smoke", load_cells([tmp_path]))
     ours = report.frame
-    assert ours.loc["sdiff U-ViT digits (smoke, MNIST 32 px)", "FID (ours, vs train)"] == "40.0"
+    assert ours.loc["sdiff U-ViT digits (smoke, MNIST 32 px)", "FID ↓ (ours, vs train)"] == "40.0"
     assert ours.iloc[0]["scale"] == "smoke" and ours.iloc[0]["guidance w"] == "3"
     (caption, lit), = report.extra  # fmt: skip
-    row = lit.loc["simple diffusion U-ViT L, 256 px"]  # Table 7: 2.77 / 3.75 (IS 211.8)
-    assert (row["FID train"], row["FID eval"], row["IS"]) == ("2.77", "3.75", "211.8")
-    assert lit.loc["SiD2, 512 px", "FID train"] == "1.48"
-    assert set(lit["scale"]) == {"literature"}
+    row = lit.frame.loc["simple diffusion U-ViT L, 256 px"]  # Table 7: 2.77 / 3.75 (IS 211.8)
+    assert (row["FID train ↓"], row["FID eval ↓"], row["IS ↑"]) == ("2.77", "3.75", "211.8")
+    # cited numbers keep their digits: 4.30 as 4.30 (two decimals in the column), 1.48
+    assert lit.frame.loc["simple diffusion U-Net, 512 px", "FID train ↓"] == "4.30"
+    assert lit.frame.loc["SiD2, 512 px", "FID train ↓"] == "1.48"
+    assert set(lit.frame["scale"]) == {"literature"}
+    # the best cited FID train (lowest: SiD2 256 px, 1.38) and IS (highest: 256.3) are marked
+    assert list(lit.frame.index[lit.best["FID train ↓"]]) == ["SiD2, 256 px"]
+    assert lit.frame.loc[lit.best["IS ↑"], "IS ↑"].tolist() == ["256.3"]
+    assert not report.printed.best.to_numpy().any()  # ours: rows of several scales, no mark
     assert "simple diffusion (arXiv 2301.11093)" in caption and "SiD2 (arXiv 2410.19324)" in caption
 
 
@@ -139,13 +151,15 @@ def test_table1_per_level_layout(tmp_path):
     # U-ViT L's transformer at 16x16: a 2048 x 2048 fp32 projection = 16 MiB; (1024, 256, 2048)
     # bf16 activations = 1 GiB; ratio 64 (hand computation)
     row = report.frame.loc["U-ViT L 512, 16x16"]
-    assert row["kernel MiB (ours)"] == "16" and row["feature map GiB (ours)"] == "1"
-    assert row["feature / kernel (ours)"] == "64"
+    # one decimals count per column, from its smallest value to three significant figures:
+    # kernels from 0.5625 MiB (3), feature maps from 0.125 GiB (3), ratios from 3.556 (2)
+    assert row["kernel MiB (ours)"] == "16.000" and row["feature map GiB (ours)"] == "1.000"
+    assert row["feature / kernel (ours)"] == "64.00"
     # each model lists only its own levels: U-Net 512 ... 8 (7), U-ViT L 128 ... 16 (4)
     assert len(report.frame) == 11 and "U-ViT L 512, 512x512" not in report.frame.index
     assert report.frame.loc[
         "U-Net 512 (channels 128..1024), 512x512", "feature / kernel (ours)"
-    ] == (f"{1024 * 128 * 512 * 512 * 2 / (9 * 128 * 128 * 4):.0f}")
+    ] == (f"{1024 * 128 * 512 * 512 * 2 / (9 * 128 * 128 * 4):.2f}")
 
 
 def test_latex_is_escaped_and_complete(tmp_path):
@@ -153,11 +167,12 @@ def test_latex_is_escaped_and_complete(tmp_path):
     fill_store(tmp_path / "a", table, metrics=table2_metrics(0))
     fill_store(tmp_path / "b", table, overrides=["train.seed=1"], metrics=table2_metrics(1))
     report = build_table_report(table, "smoke", load_cells([tmp_path / "a", tmp_path / "b"]))
-    tex = to_latex(report.frame, "a_b & 100%", "tab:x")
+    tex = to_latex(report.printed, "a_b & 100%", "tab:x")
     assert r"a\_b \& 100\%" in tex and r"$\pm$" in tex and "±" not in tex
     body = tex.split(r"\midrule")[1].split(r"\bottomrule")[0].strip().splitlines()
     assert len(body) == len(report.frame) and all(line.endswith(r"\\") for line in body)
     assert all(line.count("&") == len(report.frame.columns) for line in body)
+    assert to_latex(report.frame, "plain", "tab:y").count(r"\multicolumn") == 0  # no groups
 
 
 def test_plots_hold_the_data(tmp_path):
@@ -166,7 +181,7 @@ def test_plots_hold_the_data(tmp_path):
     fill_store(tmp_path, table, metrics=table2_metrics(0), curves=curves)
     cells = load_cells([tmp_path])
     fig = plot_curves(cells, tmp_path / "c.png", "t")
-    lines = fig.axes[0].get_lines()
+    lines = [line for ax in fig.axes for line in ax.get_lines()]  # a panel per column
     assert sorted(list(line.get_ydata()) for line in lines) == sorted(curves.values())
     assert (tmp_path / "c.png").read_bytes()[:8] == PNG
     fig = plot_metrics(cells, tmp_path / "m.png", "t")
@@ -205,9 +220,13 @@ def test_cli_report_one_table_all_and_errors(tmp_path, capsys):
     assert main(["report", "2", "--store", str(tmp_path / "runs" / "table2-smoke"),
                  "--out", str(out)]) == 0  # fmt: skip
     md = (out / "tables" / "table2-smoke.md").read_text()
-    assert table_row(md, "cosine")[:4] == ["cosine", "90.0", "–", "0.0700"]
+    # paper columns (all dashes) left out; cosine has the lower FID and KID: bold
+    assert table_row(md, "cosine")[:4] == ["cosine", "**90.0**", "**0.0700**", "**91.0**"]
+    assert table_row(md, "shifted (base 16)")[1] == "93.0"
     assert (out / "tables" / "table2-smoke.tex").read_text().count(r"\\") >= 3
-    assert main(["report", "--all", "--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    no_bench = ["--bench", str(tmp_path / "no-bench")]  # benchmark plots: tested below
+    assert main(["report", "--all", "--runs", str(tmp_path / "runs"), "--out", str(out),
+                 *no_bench]) == 0  # fmt: skip
     index = (out / "index.md").read_text()
     assert "[markdown](tables/table2-smoke.md)" in index
     capsys.readouterr()
@@ -241,7 +260,7 @@ def test_std_matches_numpy_for_three_seeds(tmp_path, n):
         folders.append(tmp_path / str(seed))
     report = build_table_report(table, "smoke", load_cells(folders))
     a = np.array(fids)
-    assert report.frame.iloc[0, 0] == f"{a.mean():.1f} ± {a.std(ddof=1):.2f} (n=3)"
+    assert report.frame.iloc[0, 0] == f"{a.mean():.1f} ± {a.std(ddof=1):.1f} (n=3)"
     json.dumps(report.header)  # plain strings
 
 
@@ -253,7 +272,7 @@ def test_demo_table_runs_the_grid_and_prints_the_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     md = out / "report" / "tables" / "table1-smoke.md"
     assert f"results: {md.resolve()}" in printed and "2 of 2 cells done" in printed
-    assert table_row(md.read_text(), "U-ViT L 512, 16x16")[:2] == ["U-ViT L 512, 16x16", "16"]
+    assert table_row(md.read_text(), "U-ViT L 512, 16x16")[:2] == ["U-ViT L 512, 16x16", "16.000"]
     with ResultsStore(out / "table1-smoke" / "results.sqlite") as store:
         assert [r["status"] for r in store.rows()] == ["done", "done"]
 
@@ -271,7 +290,8 @@ def test_cells_that_differ_beyond_the_seed_are_not_averaged(tmp_path, capsys):
     # --all reports the other tables and says which one it skipped (exit 1)
     fill_store(tmp_path / "c", get_table(3), metrics={})
     out = tmp_path / "out"
-    argv = ["report", "--all", "--store", *(str(tmp_path / x) for x in "abc"), "--out", str(out)]
+    argv = ["report", "--all", "--store", *(str(tmp_path / x) for x in "abc"), "--out", str(out),
+            "--bench", str(tmp_path / "no-bench")]  # fmt: skip
     assert main(argv) == 1
     assert "skipped: table 2" in capsys.readouterr().err
     assert (out / "tables" / "table3-smoke.md").exists()
@@ -324,7 +344,7 @@ def test_a_dirty_tree_may_not_write_the_committed_reports(tmp_path, checkout, ca
         write_index(committed, [], [])
     # allowed when asked, and every file says it came from a dirty tree
     assert main(["report", "--all", "--runs", str(tmp_path / "runs"), "--out", str(committed),
-                 "--allow-dirty"]) == 0  # fmt: skip
+                 "--allow-dirty", "--bench", str(tmp_path / "no-bench")]) == 0  # fmt: skip
     for name in ("tables/table2-smoke.md", "tables/table2-smoke.tex", "index.md"):
         assert DIRTY_ORIGIN in (committed / name).read_text(), name
 
@@ -355,7 +375,230 @@ def test_a_report_run_is_not_stopped_by_its_own_writes(tmp_path, checkout, monke
     monkeypatch.setattr(provenance, "git_sha", lambda: next(answers, "0123456789ab+dirty"))
     committed = root / "reports"
     assert main(["report", "--all", "--runs", str(tmp_path / "runs"), "--out",
-                 str(committed)]) == 0  # fmt: skip
+                 str(committed), "--bench", str(tmp_path / "no-bench")]) == 0  # fmt: skip
     for name in ("tables/table2-smoke.md", "tables/table3-smoke.md", "index.md"):
         text = (committed / name).read_text()
         assert "from commit 0123456789ab" in text and "+dirty" not in text, name
+
+
+# -- printed tables: dropped columns, best marks, decimals, LaTeX ----------------------------
+
+
+def table5_metrics(fids, img_s):
+    """Table 5's three rows (patch, dwt, none) with the given FIDs and training img/s."""
+    rows = ["patch", "dwt", "none"]
+    return {
+        (r, "all"): {"fid": f, "kid_mean": 0.1 + i / 100, "train_img_s": s, "gmacs": 0.07 * (i + 1)}
+        for i, (r, f, s) in enumerate(zip(rows, fids, img_s, strict=True))
+    }
+
+
+def test_all_dash_columns_are_left_out_with_a_note():
+    rows = ["a", "b"]
+    data = {
+        Column("FID ↓ (ours)", metric="fid"): [Entry([50.0]), Entry([60.0])],
+        Column("FID ↓ (paper)", metric="fid", transcribed=True): [Entry(), Entry()],
+        Column("KID ↓ (paper)", metric="kid_mean", transcribed=True): [Entry([0.25]), Entry()],
+        Column("IS ↑ (ours)", metric="isc_mean"): [Entry(note="not run"), Entry()],
+    }
+    t = print_table(rows, data, dash_reasons={True: "not transcribed"})
+    # the paper FID column is all dashes: gone; the paper KID column has one number: kept;
+    # the IS column says "not run" in one entry: not a dash, kept
+    assert list(t.frame.columns) == ["FID ↓ (ours)", "KID ↓ (paper)", "IS ↑ (ours)"]
+    assert t.frame["KID ↓ (paper)"].tolist() == ["0.25", "–"]
+    assert t.notes[0] == "Not shown, as every entry is a dash: FID ↓ (paper) (not transcribed)."
+    md = to_markdown(t)
+    assert "FID ↓ (paper)" not in md and "KID ↓ (paper)" in md
+
+
+def test_a_report_says_which_paper_columns_it_left_out(tmp_path):
+    table = get_table(2)
+    fill_store(tmp_path, table, metrics=table2_metrics(0))
+    report = build_table_report(table, "smoke", load_cells([tmp_path]))
+    assert not any("(paper)" in c for c in report.frame.columns)
+    assert len(report.frame.columns) == 4  # 2 resolutions x (FID, KID), ours only
+    note = report.printed.notes[0]
+    assert note.startswith("Not shown, as every entry is a dash: FID ↓ (paper), KID ↓ (paper)")
+    assert "32 px (shift -1.39) and 64 px (shift -2.77)" in note and "not transcribed" in note
+    out = tmp_path / "out"
+    write_table_report(report, out)
+    md = (out / "tables" / "table2-smoke.md").read_text()
+    under = md.split(to_markdown(report.printed))[1].lstrip("\n").splitlines()[0]
+    assert under.strip() == note  # the line right under the table
+    assert note.replace("↓", r"$\downarrow$") in (out / "tables" / "table2-smoke.tex").read_text()
+
+
+def test_best_is_the_numerically_best_done_value_in_the_metric_direction(tmp_path):
+    """FID 10.2 vs 9.5: "10.2" < "9.5" as strings, 9.5 < 10.2 as numbers; the failed row's
+    (none) would-be values do not count; img/s: higher is better, GMACs: no mark."""
+    table = get_table(5)
+    fids, img_s = [10.2, 9.5, 1.0], [100.0, 90.0, 500.0]
+    fill_store(tmp_path, table, metrics=table5_metrics(fids, img_s), fail=[("none", "all")])
+    report = build_table_report(table, "smoke", load_cells([tmp_path]))
+    t = report.printed
+    labels = list(t.frame.index)  # patching, DWT, none
+    fid_col, speed_col, gmacs_col = "FID ↓ (ours)", "train img/s ↑ (ours)", "GMACs (ours)"
+    assert t.best[fid_col].tolist() == [False, True, False]  # 9.5, not "10.2" nor the failed
+    assert t.best[speed_col].tolist() == [True, False, False]  # 100 > 90 (500: failed cell)
+    assert not t.best[gmacs_col].any()  # no direction, no mark
+    assert t.frame.loc[labels[2], fid_col] == "1 failed"
+    md = (write_table_report(report, tmp_path / "out")["markdown"]).read_text()
+    assert table_row(md, labels[1])[1] == "**9.50**" and table_row(md, labels[0])[1] == "10.20"
+    assert table_row(md, labels[0])[3] == "**100.0**"
+    tex = (tmp_path / "out" / "tables" / "table5-smoke.tex").read_text()
+    assert r"\textbf{9.50}" in tex and r"\textbf{100.0}" in tex and r"\textbf{10.20}" not in tex
+    assert r"FID $\downarrow$ (ours)" in tex and r"train img/s $\uparrow$ (ours)" in tex
+
+
+def test_ties_and_single_values_are_marked_as_numbers():
+    rows = ["a", "b", "c"]
+    col = Column("FID ↓", metric="fid")
+    t = print_table(rows, {col: [Entry([2.0, 4.0]), Entry([3.0]), Entry([3.0])]})
+    assert t.best["FID ↓"].tolist() == [True, True, True]  # means 3.0, 3.0, 3.0: a tie
+    one = print_table(["a", "b"], {col: [Entry([5.0]), Entry(note="1 failed")]})
+    assert not one.best["FID ↓"].any()  # one done value: nothing to compare with
+
+
+def test_every_entry_of_a_column_has_the_same_decimals():
+    values = [9.5, 10.2, 123.456, 0.0]
+    rows = [f"r{i}" for i in range(len(values) + 1)]
+    col = Column("FID ↓", metric="fid")
+    entries = [Entry([v]) for v in values] + [Entry([1.25, 1.75])]
+    t = print_table(rows, {col: entries})
+    shown = t.frame["FID ↓"].tolist()
+    # smallest nonzero magnitude 1.5 (the last row's mean) -> 3 significant figures: 2 decimals
+    assert shown[:4] == ["9.50", "10.20", "123.46", "0.00"]
+    std = np.std([1.25, 1.75], ddof=1)
+    assert shown[4] == f"1.50 ± {std:.2f} (n=2)"
+    decimals = {len(x.split(" ")[0].split(".")[1]) for x in shown}
+    assert decimals == {2}
+    assert [float(x.split(" ")[0]) for x in shown[:4]] == [round(v, 2) for v in values]
+
+
+def latex_rows(tex: str) -> tuple[list[str], list[str]]:
+    """(header lines between \\toprule and \\midrule, body lines up to \\bottomrule)."""
+    head = tex.split(r"\toprule")[1].split(r"\midrule")[0].strip().splitlines()
+    body = tex.split(r"\midrule")[1].split(r"\bottomrule")[0].strip().splitlines()
+    return head, body
+
+
+def test_latex_has_grouped_headers_balanced_braces_and_full_rows(tmp_path):
+    table = get_table(2)
+    fill_store(tmp_path, table, metrics=table2_metrics(0))
+    report = build_table_report(table, "smoke", load_cells([tmp_path]))
+    tex = to_latex(report.printed, "cap", "tab:x")
+    head, body = latex_rows(tex)
+    groups, rules, names = head
+    # top level: the table's columns, each over its two metrics; ruled under each
+    assert groups == (r"& \multicolumn{2}{c}{32 px (shift -1.39)} & "
+                      r"\multicolumn{2}{c}{64 px (shift -2.77)} \\")  # fmt: skip
+    assert rules == r"\cmidrule(lr){2-3} \cmidrule(lr){4-5}"
+    assert names.split(" & ")[1:3] == [r"FID $\downarrow$ (ours)", r"KID $\downarrow$ (ours)"]
+    ncols = 1 + len(report.frame.columns)
+    assert tex.count(r"\begin{tabular}{l" + "r" * (ncols - 1) + "}") == 1
+    for line in [names, *body]:
+        assert line.count(" & ") == ncols - 1 and line.endswith(r"\\")
+    plain = tex.replace(r"\{", "").replace(r"\}", "")
+    assert plain.count("{") == plain.count("}")
+    depth = 0
+    for ch in plain:  # never closes more than it opened
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        assert depth >= 0
+    assert r"\small" in tex and r"\resizebox{" in tex and r"\columnwidth" in tex
+    assert r"\textbf{" in tex and r"\toprule" in tex and r"\bottomrule" in tex
+
+
+# -- CLI: where reports go, nothing to report ------------------------------------------------
+
+
+def test_all_without_stores_exits_2_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "tables").mkdir(parents=True)
+    (out / "index.md").write_text("the committed index, with links\n")
+    (out / "tables" / "table2-smoke.md").write_text("a table\n")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    runs = tmp_path / "runs"
+    assert main(["report", "--all", "--runs", str(runs), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert str(runs) in err and "`sdiff ablate 2 --preset smoke --out" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    new = tmp_path / "NEWDIR"  # a folder that does not exist: still a one-line error
+    assert main(["report", "--all", "--runs", str(runs), "--out", str(new)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("sdiff report: nothing to report")
+    assert not new.exists()
+    with pytest.raises(ValueError, match="no table reports"):
+        write_index(new, [], [])
+    assert not new.exists()
+
+
+def test_all_with_no_cells_at_the_scale_writes_nothing(tmp_path, capsys):
+    fill_store(tmp_path / "runs" / "table2-smoke", get_table(2), metrics=table2_metrics(0))
+    out = tmp_path / "out"
+    argv = ["report", "--all", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    assert main([*argv, "--scale", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no cells at the gpu scale (scales found: smoke" in err
+    assert not out.exists()
+
+
+def test_default_out_is_runs_report_and_the_hint_names_the_ablate_command(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "2"]) == 2  # no store where `sdiff ablate 2 --preset smoke` writes
+    err = capsys.readouterr().err
+    assert "no results store at runs/ablate/table2-smoke/results.sqlite" in err
+    assert "run `sdiff ablate 2 --preset smoke` first" in err
+    fill_store(tmp_path / "runs" / "ablate" / "table2-smoke", get_table(2),
+               metrics=table2_metrics(0))  # fmt: skip
+    assert main(["report", "2"]) == 0
+    assert (tmp_path / "runs" / "report" / "tables" / "table2-smoke.md").is_file()
+    assert main(["report", "--all"]) == 0
+    assert (tmp_path / "runs" / "report" / "index.md").is_file()
+    assert not (tmp_path / "reports").exists()  # the committed folder only when named
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: runs/report)" in help_text and "(default: runs/ablate)" in help_text
+    assert "--out reports" in help_text
+
+
+def test_index_shows_each_tables_headline(tmp_path):
+    fill_store(tmp_path / "runs" / "table2-smoke", get_table(2), metrics=table2_metrics(0))
+    fill_store(tmp_path / "runs" / "table5-smoke", get_table(5),
+               metrics=table5_metrics([10.2, 9.5, 30.0], [100.0, 90.0, 50.0]))  # fmt: skip
+    out = tmp_path / "out"
+    argv = ["report", "--all", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    assert main([*argv, "--bench", str(tmp_path / "no-bench")]) == 0
+    index = (out / "index.md").read_text()
+    t2, t5 = index.split("### Table 2")[1].split("### Table 5")
+    assert "[markdown](tables/table2-smoke.md)" in t2 and "[latex](tables/table2-smoke.tex)" in t2
+    assert table_row(t2, "cosine")[1:3] == ["**90.0**", "**0.0700**"]
+    assert table_row(t2, "shifted (base 16)")[1] == "93.0"
+    dwt = get_table(5).scale("smoke").rows[1].title
+    assert table_row(t5, dwt)[1] == "**9.50**"
+    assert "Not shown, as every entry is a dash" in t5
+    assert "## Benchmarks" not in index  # no benchmark files under --bench
+
+
+def test_index_benchmark_summary(tmp_path):
+    bench = tmp_path / "bench-files"
+    (bench / "gpu").mkdir(parents=True)
+    with open(bench / "gpu" / "attention.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["backend", "mode", "seq_len", "head_dim", "tflops", "status", "device"])
+        for b, base in (("triton", 300.0), ("sdpa-flash", 200.0)):
+            for n in (256, 1024):
+                w.writerow([b, "fwd", n, 64, base + n / 100, "ok", "NVIDIA H200"])
+    fill_store(tmp_path / "runs" / "table2-smoke", get_table(2), metrics=table2_metrics(0))
+    out = tmp_path / "out"
+    argv = ["report", "--all", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    assert main([*argv, "--bench", str(bench)]) == 0
+    index = (out / "index.md").read_text()
+    # at the longest sequence (1024): triton 310.24, sdpa-flash 210.24, the fastest in bold
+    assert table_row(index, "fwd")[1:] == ["64", "1024", "210.2", "**310.2**"]
+    assert "[plots/bench-attention.png](plots/bench-attention.png)" in index
+    assert "(../bench-files/gpu/attention.csv)" in index

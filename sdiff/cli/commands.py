@@ -4,7 +4,6 @@ parser is in ``sdiff.cli``). This module imports torch and the core library; app
 uses them.
 """
 
-
 from __future__ import annotations
 
 import argparse
@@ -404,5 +403,3 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sdiff.bench.throughput import main as throughput_main
 
     return throughput_main(rest)
-
-

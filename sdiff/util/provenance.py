@@ -53,7 +53,7 @@ def git_sha() -> str | None:
 
 
 def device_label(device=None) -> str:
-    """"NVIDIA H200" for a GPU, "cpu (x86_64, 2 threads)" for the CPU."""
+    """ "NVIDIA H200" for a GPU, "cpu (x86_64, 2 threads)" for the CPU."""
     import torch
 
     device = torch.device(device or "cpu")
