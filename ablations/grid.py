@@ -97,7 +97,6 @@ class Table:
     notes: str = ""
     grid: str = ""  # a user grid's name (its store folder is <grid>-<scale>); "" for tables
     source: str = ""  # the grid file it was read from
-    lower_is_better: tuple[str, ...] = ()  # metrics beyond the known ones (report arrows)
 
     @property
     def slug(self) -> str:

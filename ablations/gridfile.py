@@ -65,7 +65,6 @@ TOP_KEYS = {
     "table": "the paper table's number (the shipped tables only)",
     "aliases": "other names for `sdiff ablate`",
     "metrics": "the metrics the report shows, in order",
-    "lower_is_better": "metrics beyond FID/KID where lower is better (report arrows)",
     "notes": "a note printed under the table",
     "compute": "module:function computing a cell's metrics instead of training it",
     "paper": "the paper's numbers: row -> column -> metric -> value",
@@ -314,11 +313,6 @@ def load_grid(path: str | Path) -> Table:
         notes=r.text(top["notes"][1], "notes") if "notes" in top else "",
         grid="" if number else name,
         source=str(path),
-        lower_is_better=(
-            tuple(r.texts(top["lower_is_better"][1], "lower_is_better"))
-            if "lower_is_better" in top
-            else ()
-        ),
     )
     for scale_name in scales:
         _check_cells(r, table, scale_name, located[scale_name])

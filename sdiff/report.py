@@ -58,14 +58,14 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from sdiff.ablations.grid import SCALES, cell_hash
-from sdiff.ablations.runner import DEFAULT_ROOT, default_out
+from sdiff.ablations.runner import DEFAULT_ROOT, default_out, default_scale
 from sdiff.ablations.store import STORE_NAME, ResultsStore, StoreError, cell_dir
 from sdiff.util import provenance
 from sdiff.util.cli_args import ExtendList
@@ -131,6 +131,7 @@ METRICS = {
     "fid_eval": Metric("FID eval", "lower"),
     "isc": Metric("IS", "higher"),
     "train_img_s": Metric("train img/s", "higher"),
+    "final_loss": Metric("final loss", "lower"),
     "params": Metric("params (M)", scale=1e-6),
     "gmacs": Metric("GMACs"),
     "kernel_mib": Metric("kernel MiB"),
@@ -558,6 +559,9 @@ def load_cells(stores: Iterable[str | Path]) -> pd.DataFrame:
             rec = {
                 "variant": _variant(spec),
                 "table": r["table_number"],
+                "grid": r.get("grid") or f"table{r['table_number']}",
+                "axes": r.get("axes") or {},
+                "source": r.get("source"),
                 "scale": r["scale"],
                 "row": r["row_name"],
                 "column": r["column_name"],
@@ -601,7 +605,7 @@ def _check_variants(table, scale: str, cells: pd.DataFrame) -> None:
         if group["variant"].nunique() > 1:
             stores = sorted(set(group["store"]))
             raise ValueError(
-                f"table {table.number} at {scale}, cell {row} / {column}: the stores hold cells "
+                f"{_what(table)} at {scale}, cell {row} / {column}: the stores hold cells "
                 f"that differ in more than the seed ({group['variant'].nunique()} configs; "
                 f"stores {stores}); report them separately (--store) or keep only seeds apart"
             )
@@ -775,6 +779,14 @@ def _header(table, scale: str, cells: pd.DataFrame) -> list[str]:
         lines.append(_where_line(done))
     failed = cells[cells["status"] == "failed"]
     lines += [f"Failed: {r['row']} / {r['column']}: {r['error']}" for _, r in failed.iterrows()]
+    cached = done[done["source"].notna()] if "source" in done.columns else done.iloc[:0]
+    if len(cached):
+        sources = sorted({str(Path(s).parent) for s in cached["source"]})
+        lines.append(
+            f"From the cell cache: {len(cached)} of the {len(done)} done cells were run for "
+            f"another grid and taken from its store ({', '.join(sources)}); their run folders "
+            "are links to that grid's."
+        )
     if scale == "smoke" and table.compute is None and len(done):
         lines.append(_smoke_line(done))
     return lines
@@ -828,22 +840,65 @@ def _smoke_line(done: pd.DataFrame) -> str:
     )
 
 
+def _what(table) -> str:
+    """"table 2", or "grid shift-resolution"."""
+    return f"table {table.number}" if table.number else f"grid {table.name}"
+
+
+def _ablate_name(table) -> str:
+    """How ``sdiff ablate`` names ``table``: its number, a shipped grid's name, or its file."""
+    if table.number:
+        return str(table.number)
+    from sdiff.ablations import EXTRA_GRIDS
+
+    return table.name if table.name in EXTRA_GRIDS else (table.source or table.name)
+
+
+def _fold_axes(table, scale: str, cells: pd.DataFrame):
+    """A grid with extra axes reported as rows x (columns x axis values): the table with those
+    combined columns, and the cells with their ``column`` renamed to match."""
+    s = table.scale(scale)
+    if not s.axes:
+        return table, cells
+    columns = []
+    for col in s.columns:
+        for values in itertools.product(*(v for _, v in s.axes)):
+            pairs = list(zip(s.axes, values, strict=True))
+            name = "/".join([col.name, *(f"{a}={v.name}" for (a, _), v in pairs)])
+            title = ", ".join(
+                ([col.title] if col.name != "all" else [])
+                + [f"{a} {v.title}" for (a, _), v in pairs]
+            )  # fmt: skip
+            columns.append(replace(col, name=name, label=title))
+    folded = replace(table, scales={**table.scales, scale: replace(s, columns=tuple(columns),
+                                                                   axes=())})  # fmt: skip
+    cells = cells.copy()
+    if len(cells):
+        cells["column"] = [
+            "/".join([c, *(f"{a}={(ax or {}).get(a)}" for a, _ in s.axes)])
+            for c, ax in zip(cells["column"], cells["axes"], strict=True)
+        ]
+    return folded, cells
+
+
 def build_table_report(table, scale: str, cells: pd.DataFrame) -> TableReport:
-    """The report of ``table`` at ``scale`` from ``cells`` (load_cells' frame, any tables)."""
+    """The report of ``table`` (a paper table or a grid) at ``scale`` from ``cells``
+    (load_cells' frame, any tables)."""
     table.scale(scale)  # raises for an unknown scale
     if len(cells):
-        mine = cells[(cells["table"] == table.number) & (cells["scale"] == scale)]
+        mine = cells[(cells["grid"] == table.slug) & (cells["scale"] == scale)]
     else:
         mine = cells
     if not len(mine):
         raise ValueError(
-            f"no cells of table {table.number} ({table.name}) at the {scale} scale in the given "
-            f"stores: run `sdiff ablate {table.number} --preset {scale}` first"
+            f"no cells of {_what(table)} ({table.name}) at the {scale} scale in the given "
+            f"stores: run `sdiff ablate {_ablate_name(table)} --preset {scale}` first"
         )
+    table, mine = _fold_axes(table, scale, mine)
     _check_variants(table, scale, mine)
     extra: list[tuple[str, PrintedTable]] = []
     if table.number == 7:
-        printed = _ours_table(table, cells[cells["table"] == 7])
+        printed = _ours_table(table, cells[cells["grid"] == "table7"])
         literature = f"Literature ({LITERATURE_SOURCE}; not run here)"
         extra.append((literature, _literature_table(table)))
     elif table.compute is not None:
@@ -1295,11 +1350,12 @@ def _slug(text: str) -> str:
 
 def report_stem(report: TableReport) -> str:
     """What names a table report's files (tables/, plots/, samples/): ``table<N>-<scale>``."""
-    return f"table{report.table.number}-{report.scale}"
+    return f"{report.table.slug}-{report.scale}"
 
 
 def _title(report: TableReport) -> str:
-    return f"Table {report.table.number}: {report.table.title}"
+    t = report.table
+    return f"Table {t.number}: {t.title}" if t.number else f"Grid {t.name}: {t.title}"
 
 
 def _copy_grids(report: TableReport, out: Path) -> list[tuple[str, Path]]:
@@ -1435,7 +1491,7 @@ def headline(printed: PrintedTable) -> str:
 
 def entry_title(report: TableReport) -> str:
     """A table report's name in the index."""
-    return f"Table {report.table.number}: {report.table.title} ({report.scale})"
+    return f"{_title(report)} ({report.scale})"
 
 
 LINK_NAMES = {"markdown": "markdown", "latex": "latex", "curves": "training loss plot",
@@ -1582,11 +1638,14 @@ def build_parser() -> argparse.ArgumentParser:
         "reports/).",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("table", nargs="?", help="table number 1-8 or alias (omit with --all)")
+    p.add_argument("table", nargs="?",
+                   help="table number 1-8 or alias, a shipped grid's name or a grid file "
+                   "(omit with --all)")  # fmt: skip
     p.add_argument("--all", action="store_true",
                    help="every table with a store under --runs, bench plots, index")  # fmt: skip
-    p.add_argument("--scale", default="smoke", choices=[*SCALES, "all"],
-                   help="which scale's cells to report")  # fmt: skip
+    p.add_argument("--scale", default=None,
+                   help="which scale's cells to report: smoke, gpu, paper, a grid's own scale, "
+                   "or all (default: smoke, or a grid's only scale)")  # fmt: skip
     p.add_argument("--store", nargs="+", action=ExtendList, default=None,
                    help="results stores (files or `sdiff ablate --out` folders); default for "
                    f"TABLE: {DEFAULT_ROOT}/table<N>-<scale>, for --all: every store under "
@@ -1632,9 +1691,10 @@ def _make_a_store(runs: str) -> str:
 def _report_all(args: argparse.Namespace) -> int:
     """Every table and scale found in the stores, the benchmark plots, the index. Every
     report is built before the first file is written: with none, nothing is written."""
-    from sdiff.ablations import TABLES
+    from sdiff.ablations import EXTRA_GRIDS, TABLES, get_table
 
     out = Path(args.out)
+    args.scale = args.scale or "smoke"
     stores = [_store_path(s) for s in args.store] if args.store else find_stores(args.runs)
     if not stores:
         raise ValueError(
@@ -1643,11 +1703,21 @@ def _report_all(args: argparse.Namespace) -> int:
             f"stores with --store. Nothing written."
         )
     cells = load_cells(stores)
-    scales = SCALES if args.scale == "all" else [args.scale]
+    scales = [*SCALES, "custom"] if args.scale == "all" else [args.scale]
     reports, skipped = [], 0
-    for number, table in sorted(TABLES.items()):
+    grids = [t for _, t in sorted(TABLES.items())] + [get_table(g) for g in EXTRA_GRIDS]
+    known = {t.slug for t in grids}
+    for slug in sorted(set(cells["grid"]) - known) if len(cells) else []:
+        print(f"sdiff report: grid {slug!r} is not shipped: report it with `sdiff report "
+              f"{slug}.yaml` (its grid file)", file=sys.stderr)  # fmt: skip
+    for table in grids:
         for scale in scales:
-            if not len(cells) or not ((cells["table"] == number) & (cells["scale"] == scale)).any():
+            if scale not in table.scales:
+                continue
+            if (
+                not len(cells)
+                or not ((cells["grid"] == table.slug) & (cells["scale"] == scale)).any()
+            ):
                 continue
             try:
                 reports.append(build_table_report(table, scale, cells))
@@ -1686,8 +1756,12 @@ def _report_tables(args: argparse.Namespace) -> int:
 
     table = get_table(args.table)
     written = []
-    for scale in SCALES if args.scale == "all" else [args.scale]:
-        stores = args.store or [default_out(table.number, scale)]
+    if args.scale == "all":
+        scales = list(table.scales)
+    else:
+        scales = [args.scale or default_scale(table)]
+    for scale in scales:
+        stores = args.store or [default_out(table, scale)]
         if args.scale == "all" and not args.store and not _store_path(stores[0]).exists():
             continue
         report = build_table_report(table, scale, load_cells(stores))
@@ -1696,8 +1770,8 @@ def _report_tables(args: argparse.Namespace) -> int:
         print("\n".join(_printed_markdown(report.printed)))
     if not written:
         raise ValueError(
-            f"no stores for table {table.number} under {DEFAULT_ROOT} at any scale: run "
-            f"`sdiff ablate {table.number} --preset smoke` first, or pass --store"
+            f"no stores for {table.slug} under {DEFAULT_ROOT} at any scale: run "
+            f"`sdiff ablate {_ablate_name(table)}` first, or pass --store"
         )
     for p in written:
         print(f"report: {p.resolve()}")

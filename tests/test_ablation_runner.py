@@ -282,6 +282,71 @@ def test_claiming_rules(tmp_path):
     store.close()
 
 
+# The schema of version 1 (sdiff.ablations.store before grids, seeds and the cell cache)
+V1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cells (
+    hash TEXT PRIMARY KEY,           -- Cell.hash: sha256 of the spec's canonical JSON
+    table_number INTEGER NOT NULL,
+    scale TEXT NOT NULL,
+    row_name TEXT NOT NULL,
+    column_name TEXT NOT NULL,
+    kind TEXT NOT NULL,              -- "train" or "compute"
+    spec TEXT NOT NULL,              -- Cell.spec as JSON: resolved config (+ eval settings)
+    config_hash TEXT NOT NULL,       -- sdiff.training.config.config_hash: the one checkpoints carry
+    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
+    metrics TEXT,                    -- JSON object, when done
+    wall_s REAL,                     -- seconds of the last attempt
+    attempts INTEGER NOT NULL DEFAULT 0,
+    added_at REAL NOT NULL,          -- unix times
+    started_at REAL,
+    finished_at REAL,
+    device TEXT,
+    versions TEXT,                   -- JSON: sdiff, python, torch, cuda, triton
+    git_sha TEXT,                    -- sdiff.util.provenance.git_sha() of the runner
+    error TEXT,                      -- traceback of the last failed attempt
+    owner TEXT,                      -- "host:pid:token" of the runner that claimed it last
+    heartbeat REAL                   -- unix time, refreshed while running
+);
+CREATE INDEX IF NOT EXISTS cells_by_table ON cells (table_number, scale);
+"""
+
+
+def test_a_version_1_store_is_upgraded_in_place_and_its_rows_kept(tmp_path):
+    """A store written by version 1: its done result is found by the cell cache as it is
+    (read-only, nothing upgraded), then opening it adds the four columns and changes no value."""
+    from sdiff.ablations.cache import find_cached
+
+    path = tmp_path / "old" / "results.sqlite"
+    path.parent.mkdir()
+    cells = expand(SEEDS, "smoke", rows=["s1", "s2"])
+    with sqlite3.connect(path) as conn:
+        conn.executescript(V1_SCHEMA)
+        conn.executemany("INSERT INTO meta VALUES (?, ?)", [("schema_version", "1")])
+        for c, status in zip(cells, ("done", "pending"), strict=True):
+            conn.execute(
+                "INSERT INTO cells (hash, table_number, scale, row_name, column_name, kind, spec, "
+                "config_hash, status, metrics, added_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (c.hash, c.table, c.scale, c.row, c.column, c.kind, json.dumps(c.spec), "x",
+                 status, json.dumps({"seed": 1.0}) if status == "done" else None, 1.5),
+            )  # fmt: skip
+    before = sqlite3.connect(path).execute("SELECT * FROM cells ORDER BY rowid").fetchall()
+    hit = find_cached([c.hash for c in cells], [tmp_path])
+    assert list(hit) == [cells[0].hash] and hit[cells[0].hash]["metrics"] == {"seed": 1.0}
+    assert sqlite3.connect(path).execute("SELECT value FROM meta").fetchone() == ("1",)
+    with ResultsStore(path) as store:
+        assert store.schema_version() == 2
+        rows = store.rows()
+    after = sqlite3.connect(path).execute("SELECT * FROM cells ORDER BY rowid").fetchall()
+    assert [r[: len(before[0])] for r in after] == before  # every old value as it was
+    assert [(r["grid"], r["seed"], r["axes"], r["source"]) for r in rows] == [
+        ("table102", 1, {}, None), ("table102", 2, {}, None)
+    ]  # fmt: skip
+
+
 def test_another_schema_version_is_refused_not_migrated(tmp_path):
     path = tmp_path / "results.sqlite"
     with ResultsStore(path) as store:

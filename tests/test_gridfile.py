@@ -7,7 +7,9 @@ cell done in another store from the cell cache, and exports one row per cell."""
 import csv
 import io
 import json
+import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -207,6 +209,26 @@ def test_a_hand_written_grid_runs_resumes_reuses_and_exports(tmp_path, monkeypat
         else:
             assert r["source"] is None and r["row_name"] == "medium"
 
+    # the report: mean ± sample std (n=2) over the seeds of each row and column
+    from sdiff.report import report_main
+
+    assert report_main([str(grid), "--store", str(out), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "tables" / "mine-smoke.md").read_text()
+    kid = [
+        r["metrics"]["kid_mean"]
+        for r in rows
+        if (r["row_name"], r["column_name"]) == ("fast", "ema9")
+    ]
+    mean, std = statistics.fmean(kid), statistics.stdev(kid)
+    line = next(x for x in md.splitlines() if x.startswith("| lr 3e-3"))
+    assert "± " in line and "(n=2)" in line
+    shown = re.search(r"([-0-9.]+) ± ([0-9.]+) \(n=2\)", line.split("|")[2])
+    assert abs(float(shown[1]) - mean) <= 0.5 * 10 ** -len(shown[1].split(".")[1])
+    assert abs(float(shown[2]) - std) <= 0.5 * 10 ** -len(shown[2].split(".")[1])
+    assert report_main([str(other), "--store", str(other_out), "--out", str(tmp_path / "rep")]) == 0
+    other_md = (tmp_path / "rep" / "tables" / "other-smoke.md").read_text()
+    assert "From the cell cache: 4 of the 8 done cells" in other_md and str(out) in other_md
+
     # exports: one row per cell
     from sdiff.ablations.results import results_frame
 
@@ -265,3 +287,37 @@ def test_a_bad_grid_file_is_one_line_naming_file_line_and_key(case, tmp_path, ca
     err_text = capsys.readouterr().err.strip()
     assert message in err_text and len(err_text.splitlines()) == 1
     assert not out.exists()  # nothing written
+
+
+def test_extra_axes_are_reported_as_columns_per_axis_value(tmp_path):
+    """rows x columns x an extra axis: the report's column groups are column x axis value,
+    each cell's number where it belongs (values written into a store by hand)."""
+    from sdiff.ablations.store import new_owner
+    from sdiff.report import build_table_report, load_cells, to_markdown
+
+    path = write_grid(tmp_path)
+    text = path.read_text().replace("seeds: [0, 1]\n", "")
+    text += (
+        "axes:\n  width: {narrow: {set: {model.width: 32}},"
+        " wide: {label: W64, set: {model.width: 64}}}\n"
+    )
+    path.write_text(text)
+    table = load_grid(path)
+    cells = expand(table, "smoke")
+    assert len(cells) == 8 and cells[1].axes == (("width", "wide"),)
+    owner = new_owner()
+    with ResultsStore(tmp_path / "g" / "results.sqlite") as store:
+        store.add(cells)
+        for i, c in enumerate(cells):
+            store.claim(c.hash, owner)
+            store.finish(c.hash, owner, {"kid_mean": 0.01 * (i + 1), "final_loss": 1.0})
+    report = build_table_report(table, "smoke", load_cells([tmp_path / "g"]))
+    md = to_markdown(report.printed)
+    # the cell (fast, ema99, wide) is the 8th: KID 0.08, under the group "EMA 0.99, width W64"
+    assert "EMA 0.99, width W64" in md and "EMA 0.9, width narrow" in md
+    row = next(x for x in md.splitlines() if x.startswith("| lr 3e-3")).split("|")
+    header = next(x for x in md.splitlines() if x.startswith("|") and "KID" in x).split("|")
+    assert len(row) == len(header)
+    kid_columns = [i for i, h in enumerate(header) if "KID" in h]
+    values = [float(re.sub(r"[^0-9.]", "", row[i])) for i in kid_columns]
+    assert values == [0.05, 0.06, 0.07, 0.08]
