@@ -94,3 +94,20 @@ def test_every_subpackage_is_installed():
     inits = (ROOT / "sdiff").rglob("__init__.py")
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in inits}
     assert found - packages == set()
+
+
+def test_every_shipped_grid_file_is_installed():
+    """A grid file missing from the wheel would make `sdiff ablate 2` fail once installed:
+    every YAML file under ablations/grids matches a package-data pattern of sdiff.ablations."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = config["package-data"]["sdiff.ablations"]
+    folder = ROOT / config["package-dir"]["sdiff.ablations"]
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*.yaml")]
+    assert len(files) >= 11  # the 8 tables and the 3 grids beyond the paper
+    # setuptools globs: "*" does not cross a folder
+    regexes = [re.compile(re.escape(pat).replace(r"\*", "[^/]*") + "$") for pat in patterns]
+    missing = [f for f in files if not any(r.match(f) for r in regexes)]
+    assert not missing, f"grid files not in package-data: {missing}"
