@@ -781,7 +781,7 @@ def _header(table, scale: str, cells: pd.DataFrame) -> list[str]:
     lines += [f"Failed: {r['row']} / {r['column']}: {r['error']}" for _, r in failed.iterrows()]
     cached = done[done["source"].notna()] if "source" in done.columns else done.iloc[:0]
     if len(cached):
-        sources = sorted({str(Path(s).parent) for s in cached["source"]})
+        sources = sorted({_shown_path(Path(s).parent) for s in cached["source"]})
         lines.append(
             f"From the cell cache: {len(cached)} of the {len(done)} done cells were run for "
             f"another grid and taken from its store ({', '.join(sources)}); their run folders "
@@ -790,6 +790,14 @@ def _header(table, scale: str, cells: pd.DataFrame) -> list[str]:
     if scale == "smoke" and table.compute is None and len(done):
         lines.append(_smoke_line(done))
     return lines
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the working folder when under it (runs/ablate/...), else as is."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _distinct(done: pd.DataFrame, column: str, kind=int) -> list:
