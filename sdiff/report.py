@@ -69,7 +69,7 @@ from sdiff.ablations.runner import DEFAULT_ROOT, default_out, default_scale
 from sdiff.ablations.store import STORE_NAME, ResultsStore, StoreError, cell_dir
 from sdiff.util import provenance
 from sdiff.util.cli_args import ExtendList
-from sdiff.util.files import atomic_write_text
+from sdiff.util.files import atomic_write_text, atomic_write_with
 from sdiff.util.tables import markdown_table
 
 __all__ = [
@@ -1366,6 +1366,26 @@ def _title(report: TableReport) -> str:
     return f"Table {t.number}: {t.title}" if t.number else f"Grid {t.name}: {t.title}"
 
 
+# A report's sample grids are shrunk to this many pixels on their long side: a grid of 100
+# samples at 256 px is 2560 px wide and, for an undertrained model's noise, ~5 MB of PNG.
+GRID_MAX_PX = 768
+
+
+def copy_grid(src: Path, dest: Path, max_px: int = GRID_MAX_PX) -> Path:
+    """Copy a sample grid, shrunk (Lanczos) to at most ``max_px`` on its long side; a smaller
+    one is copied byte for byte."""
+    from PIL import Image
+
+    with Image.open(src) as image:
+        if max(image.size) <= max_px:
+            shutil.copyfile(src, dest)
+            return dest
+        scale = max_px / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        small = image.resize(size, Image.Resampling.LANCZOS)
+    return atomic_write_with(dest, lambda tmp: small.save(tmp, format="PNG", optimize=True))
+
+
 def _copy_grids(report: TableReport, out: Path) -> list[tuple[str, Path]]:
     grids = []
     rows, columns = _layout(report.cells, report.table, report.scale)
@@ -1378,7 +1398,7 @@ def _copy_grids(report: TableReport, out: Path) -> list[tuple[str, Path]]:
         name = f"{_slug(r['row'])}-{_slug(r['column'])}{seed}.png"
         dest = out / "samples" / report_stem(report) / name
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(found[-1], dest)
+        copy_grid(found[-1], dest)
         caption = row_titles.get(r["row"], r["row"])
         if r["column"] != "all":
             caption += f", {column_titles.get(r['column'], r['column'])}"

@@ -206,3 +206,18 @@ def test_bench_plots_writes_the_files_it_finds(tmp_path):
     written = bench_plots(tmp_path, tmp_path / "plots")
     assert [p.name for p in written] == ["bench-throughput.png"]  # no memory, no attention
     assert Image.open(written[0]).format == "PNG"
+
+
+def test_a_large_sample_grid_is_shrunk_and_a_small_one_copied_as_is(tmp_path):
+    from PIL import Image
+
+    from sdiff.report import GRID_MAX_PX, copy_grid
+
+    rng = np.random.default_rng(0)
+    big = tmp_path / "big.png"
+    Image.fromarray(rng.integers(0, 255, (1200, 2560), dtype=np.uint8)).save(big)
+    small = tmp_path / "small.png"
+    Image.fromarray(rng.integers(0, 255, (64, 96), dtype=np.uint8)).save(small)
+    with Image.open(copy_grid(big, tmp_path / "a.png")) as out:
+        assert out.size == (GRID_MAX_PX, round(1200 * GRID_MAX_PX / 2560))
+    assert copy_grid(small, tmp_path / "b.png").read_bytes() == small.read_bytes()
