@@ -56,7 +56,7 @@ def get_table(name: str | int) -> Table:
     """A paper table by number (1-8), name or alias; a shipped extra grid by name; or the grid
     file at a path (``*.yaml``/``*.yml``)."""
     key = str(name).strip()
-    if key.endswith((".yaml", ".yml")) or Path(key).is_file():
+    if key.endswith((".yaml", ".yml")) or ("/" in key and Path(key).is_file()):
         return load_grid(key)
     key = key.lower()
     if key.isdigit() and int(key) in TABLES:
