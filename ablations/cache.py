@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sdiff.ablations.store import STORE_NAME, cell_dir
+from sdiff.ablations.store import STORE_NAME, cell_dir, read_only_rows
 
 __all__ = ["CachedCell", "find_cached", "link_cell", "search_stores"]
 
@@ -57,27 +57,23 @@ def search_stores(roots: Iterable[str | os.PathLike[str]], exclude: Path | None)
 
 
 def _done_rows(store: Path, hashes: list[str]) -> list[dict[str, Any]]:
-    """The done rows of ``hashes`` in ``store``, read-only; [] for a store that cannot be
-    read (a cache is an optimisation: an unreadable store is skipped, not an error)."""
+    """The done rows of ``hashes`` in ``store`` (metrics and versions decoded), read-only; []
+    for a store that cannot be read (a cache is an optimisation: an unreadable store is
+    skipped, not an error)."""
+    out = []
     try:
-        conn = sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True, timeout=10)
-    except sqlite3.Error:
-        return []
-    try:
-        out = []
-        for i in range(0, len(hashes), 500):
+        for i in range(0, len(hashes), 500):  # SQLite's bound-parameter limit
             part = hashes[i : i + 500]
             marks = ",".join("?" * len(part))
-            cur = conn.execute(
-                f"SELECT * FROM cells WHERE status = 'done' AND hash IN ({marks})", part
-            )
-            names = [d[0] for d in cur.description]
-            out += [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
-        return out
+            sql = f"SELECT * FROM cells WHERE status = 'done' AND hash IN ({marks})"
+            out += read_only_rows(store, sql, part)
     except sqlite3.Error:
         return []
-    finally:
-        conn.close()
+    for row in out:
+        for key in ("metrics", "versions"):
+            if isinstance(row.get(key), str):
+                row[key] = json.loads(row[key])
+    return out
 
 
 def find_cached(
@@ -95,18 +91,12 @@ def find_cached(
         if not left:
             break
         for row in _done_rows(store, left):
-            for key in ("metrics", "versions"):
-                if isinstance(row.get(key), str):
-                    row[key] = json.loads(row[key])
             hit = CachedCell(row, _store=str(store))
             source = row.get("source")
             if source and Path(source).is_file():
                 original = _done_rows(Path(source), [row["hash"]])
                 if original:
                     hit = CachedCell(original[0], _store=str(Path(source).resolve()))
-                    for key in ("metrics", "versions"):
-                        if isinstance(hit.get(key), str):
-                            hit[key] = json.loads(hit[key])
             if source:
                 adopted.setdefault(row["hash"], hit)
             else:

@@ -28,12 +28,12 @@ the grids beyond the paper (``ablations/grids/extra/``). A grid file::
 
 Without ``scales`` the file has one scale, named after its base: ``smoke`` (the smoke base
 and the digits presets), ``gpu``, ``paper`` (the ImageNet presets) or ``custom``. A scale's
-evaluation and what it needs default from its base: ``smoke`` and the
-digits presets evaluate as the smoke tables do (200 samples), ``gpu`` as the gpu tables
-(10k) and the ImageNet run presets as the paper (50k), and those two need
-``--set data.root=...``. Override values are written as on the command line: a scalar's text
-is parsed exactly as ``--set key=text`` would (JSON, else a string), so ``base: 16`` is the
-integer 16 and ``name: cosine`` the string, whatever YAML would make of them.
+evaluation and what it needs default from its base: ``gpu`` evaluates as the gpu tables do
+(10k samples) and the ImageNet run presets as the paper (50k), and those two need
+``--set data.root=...``; any other base as the smoke tables (200 samples), needing nothing.
+Override values are written as on the command line: a scalar's text is parsed exactly as
+``--set key=text`` would (JSON, else a string), so ``base: 16`` is the integer 16 and
+``name: cosine`` the string, whatever YAML would make of them.
 
 Why YAML, read through PyYAML's node tree: every key and value keeps its line, so a schema
 error (an unknown key, a wrong type, a duplicate row, an override of a field that does not

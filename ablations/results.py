@@ -66,7 +66,14 @@ from typing import Any
 
 import pandas as pd
 
-from sdiff.ablations.store import STATUSES, STORE_NAME, ResultsStore, StoreError, cell_dir
+from sdiff.ablations.store import (
+    STATUSES,
+    STORE_NAME,
+    ResultsStore,
+    StoreError,
+    cell_dir,
+    read_only_rows,
+)
 from sdiff.util.files import atomic_write_text, atomic_write_with
 
 __all__ = [
@@ -109,11 +116,9 @@ def store_path(given: str | os.PathLike[str]) -> Path:
         header = f.read(len(SQLITE_HEADER))
     if header != SQLITE_HEADER:
         raise ValueError(f"{path} is not a results store (not an SQLite file)")
-    uri = f"{path.absolute().as_uri()}?mode=ro"
     try:  # read-only: an SQLite file without the store's tables must not get them
-        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
-            rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
-        tables = {r[0] for r in rows}
+        rows = read_only_rows(path, "SELECT name FROM sqlite_master WHERE type = 'table'")
+        tables = {r["name"] for r in rows}
     except sqlite3.Error:
         return path  # cannot tell read-only (a WAL file elsewhere): ResultsStore will say
     if not {"meta", "cells"} <= tables:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import sys
@@ -213,19 +214,15 @@ def _store_statuses(path: Path, hashes: list[str]) -> dict[str, str]:
         return {}
     import sqlite3
 
-    from sdiff.ablations.store import owner_alive
+    from sdiff.ablations.store import owner_alive, read_only_rows
 
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
-        try:
-            rows = conn.execute("SELECT hash, status, owner, heartbeat FROM cells").fetchall()
-        finally:
-            conn.close()
+        rows = read_only_rows(path, "SELECT hash, status, owner, heartbeat FROM cells")
     except sqlite3.Error as err:
         raise ValueError(f"cannot read the results store {path}: {err}") from err
     wanted = set(hashes)
     out = {}
-    for h, status, owner, beat in rows:
+    for h, status, owner, beat in (tuple(r.values()) for r in rows):
         if h in wanted:
             if status == "running" and not owner_alive(owner, beat, STALE_AFTER_S, LIVE_GRACE_S):
                 status = "interrupted"
@@ -242,6 +239,14 @@ CPU_FLOPS = 7.2e10
 GPU_FLOPS = 0.30 * 989e12
 
 
+@functools.cache
+def _macs(model) -> int:
+    """MACs per image of a (frozen, hashable) model config: the cells of a grid share a few."""
+    from sdiff.models.flops import model_stats
+
+    return model_stats(model).macs
+
+
 def estimate_cost(cell) -> dict[str, Any]:
     """Training and sampling FLOPs of a cell, from the model's MACs per image (meta device):
     training 3 x (2 x MACs) per image seen (forward and a backward of twice its cost),
@@ -249,9 +254,7 @@ def estimate_cost(cell) -> dict[str, Any]:
     at the rate above for the device class the scale targets. Computed cells cost nothing."""
     if cell.kind != "train":
         return {"tflop": 0.0, "seconds": 0.0, "at": "computed"}
-    from sdiff.models.flops import model_stats
-
-    macs = model_stats(cell.config.model).macs
+    macs = _macs(cell.config.model)
     train = 6.0 * macs * cell.config.train.total_images
     per_step = 2.0 * macs * (2 if cell.eval.guidance else 1)
     sample = per_step * cell.eval.n * cell.eval.steps

@@ -66,6 +66,7 @@ __all__ = [
     "new_owner",
     "owner_alive",
     "owner_state",
+    "read_only_rows",
     "retire_owner",
 ]
 
@@ -578,6 +579,19 @@ class ResultsStore:
 
     def schema_version(self) -> int:
         return int(self._read("SELECT value FROM meta WHERE key = 'schema_version'")[0]["value"])
+
+
+def read_only_rows(
+    path: str | os.PathLike[str], sql: str, params: Iterable[Any] = ()
+) -> list[dict[str, Any]]:
+    """Rows of ``sql`` on the SQLite file at ``path`` opened read-only: reading another
+    grid's store (the cell cache, a dry run, an export) never creates, upgrades or locks it
+    for writing. sqlite3.Error passes through (an unreadable file is the caller's call)."""
+    uri = f"{Path(path).absolute().as_uri()}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as conn:
+        cur = conn.execute(sql, tuple(params))
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
 
 def _upgrade_v1(conn: sqlite3.Connection) -> None:
