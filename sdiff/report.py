@@ -849,7 +849,7 @@ def _smoke_line(done: pd.DataFrame) -> str:
 
 
 def _what(table) -> str:
-    """"table 2", or "grid shift-resolution"."""
+    """ "table 2", or "grid shift-resolution"."""
     return f"table {table.number}" if table.number else f"grid {table.name}"
 
 
