@@ -43,7 +43,7 @@ from sdiff.ablations.cache import find_cached, link_cell
 from sdiff.ablations.executors import EXECUTORS, GridJob
 from sdiff.ablations.grid import SCALES, Table, expand
 from sdiff.ablations.store import LIVE_GRACE_S, STALE_AFTER_S, STORE_NAME, ResultsStore
-from sdiff.util.cli_args import ExtendList
+from sdiff.util.cli_args import ExtendList, KeyValueList
 from sdiff.util.errors import report_failure
 
 __all__ = [
@@ -604,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set",
         nargs="+",
-        action=ExtendList,
+        action=KeyValueList,
         metavar="KEY=VALUE",
         default=[],
         help="overrides for all cells, e.g. data.root=/data/imagenet/train",
@@ -623,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--executor-opt",
         nargs="+",
-        action=ExtendList,
+        action=KeyValueList,
         metavar="KEY=VALUE",
         default=[],
         help="slurm: submitit parameters, e.g. slurm_partition=gpu gpus_per_node=1 "

@@ -1,5 +1,7 @@
 """The command line: values printed and files written are the library's, errors are readable."""
 
+import argparse
+import json
 import math
 import subprocess
 import sys
@@ -57,3 +59,67 @@ def test_the_parsers_names_are_the_registries():
 
     assert SCHEDULE_NAMES == tuple(sorted(SCHEDULES))
     assert SAMPLER_NAMES == tuple(sorted(SAMPLERS))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ablate", "--set", "train.lr=1e-4", "2", "--dry-run"],
+        ["train", "--set", "train.lr=1e-4", "runs/x", "--dry-run"],
+        ["ablate", "2", "--executor-opt", "cluster=local", "gpu", "--dry-run"],
+    ],
+)
+def test_a_positional_swallowed_by_a_key_value_list_is_named(argv, capsys):
+    """argparse gives a positional after ``--set a=1`` to ``--set``: the parser says so
+    (exit 2) instead of the run failing on an override that names no field."""
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # the top parser's usage errors exit as argparse does
+        code = stop.code
+    assert code == 2
+    err = capsys.readouterr().err
+    option = "--executor-opt" if "--executor-opt" in argv else "--set"
+    swallowed = argv[argv.index(option) + 2]
+    assert f"{option} takes KEY=VALUE items, and {swallowed!r} is not one" in err
+    assert f"put positional arguments before {option}" in err
+
+
+def test_key_value_lists_still_extend(capsys):
+    from sdiff.util.cli_args import KeyValueList
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--set", nargs="+", action=KeyValueList, default=[])
+    args = parser.parse_args(["--set", "a=1", "b=[2, 3]", "--set", "c.d=x=y"])
+    assert args.set == ["a=1", "b=[2, 3]", "c.d=x=y"]
+
+
+def test_presets_lists_every_run_preset_with_its_config(capsys):
+    from sdiff.models.presets import build_model
+    from sdiff.training.config import RUN_PRESETS, get_run_preset
+
+    assert main(["presets", "--json"]) == 0
+    rows = {r["preset"]: r for r in json.loads(capsys.readouterr().out)}
+    assert list(rows) == list(RUN_PRESETS)
+    for name, row in rows.items():
+        c = get_run_preset(name)
+        assert (row["px"], row["batch"], row["images"], row["lr"]) == (
+            c.data.resolution, c.train.batch_size, c.train.total_images, c.train.lr
+        )  # fmt: skip
+        assert row["steps"] == math.ceil(c.train.total_images / c.train.batch_size)
+    digits = build_model(get_run_preset("digits").model)  # real weights, counted here
+    assert rows["digits"]["params_M"] == sum(p.numel() for p in digits.parameters()) / 1e6
+    assert main(["presets"]) == 0
+    assert "imagenet-uvit-l-512" in capsys.readouterr().out
+
+
+def test_eval_summary_and_the_small_n_fid_warning():
+    from sdiff.cli.commands import FID_MIN_SAMPLES, eval_summary, fid_sample_warning
+
+    record = {"fid": 12.345, "kid_mean": 0.01234, "kid_std": 0.00056, "num_generated": 200,
+              "num_reference": 500, "feature_extractor": "inception"}  # fmt: skip
+    assert eval_summary(record) == (
+        "FID 12.35; KID 0.0123 ± 0.0006 of 200 samples against 500 reference images (inception)"
+    )
+    assert "FID of 200 samples is biased upwards" in fid_sample_warning(record)
+    assert fid_sample_warning({**record, "num_generated": FID_MIN_SAMPLES}) is None
+    assert fid_sample_warning({"kid_mean": 0.1, "num_generated": 10}) is None  # no FID asked

@@ -8,6 +8,7 @@ Commands:
   report          the paper's tables from the results stores, plots, index (``sdiff report 2``)
   results         the cells of results stores as CSV, JSON or Parquet, or MLflow runs
   bench           training/sampling throughput table (``sdiff bench memory``: 512 px profile)
+  presets         every run preset (what `sdiff train --preset` takes): model, data, budget
   models          every model preset with its parameters and multiply-accumulates per forward
   schedule        print (or write as CSV) a logSNR schedule with alpha and sigma on a t grid
   sampler-check   run the samplers with the exact denoiser of a Gaussian mixture and compare
@@ -35,7 +36,7 @@ import sys
 import warnings
 
 from sdiff import __version__
-from sdiff.util.cli_args import ExtendList
+from sdiff.util.cli_args import ExtendList, KeyValueList
 from sdiff.util.errors import report_failure
 
 # The registries' names, kept here so that parsing needs no torch; tests/test_cli.py pins them
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of a failure (anywhere on the line)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_train_parser, _sample_parser, _eval_parser, _ablate_parser, _report_parser,
-                _results_parser, _bench_parser, _models_parser, _schedule_parser,
+                _results_parser, _bench_parser, _presets_parser, _models_parser, _schedule_parser,
                 _sampler_check_parser, _demo_parser):  # fmt: skip
         add(sub)
     return parser
@@ -117,7 +118,7 @@ def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model (resumes an existing run folder)")
     p.add_argument("--preset", help="a run preset (training.config.RUN_PRESETS); default digits")
     p.add_argument("--config", help="a config.json to start from instead of a preset")
-    p.add_argument("--set", nargs="+", action=ExtendList, metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="+", action=KeyValueList, metavar="KEY=VALUE",
                    help="overrides, e.g. train.lr=1e-4 (repeatable)")  # fmt: skip
     p.add_argument("--out", help="the run folder")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
@@ -197,6 +198,12 @@ def _bench_parser(sub) -> None:
     p.set_defaults(func="bench")
 
 
+def _presets_parser(sub) -> None:
+    p = sub.add_parser("presets", help="run presets (sdiff train --preset NAME)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func="presets")
+
+
 def _models_parser(sub) -> None:
     p = sub.add_parser("models", help="model presets with parameter and MAC counts")
     p.add_argument("--preset", nargs="+", action=ExtendList, help="only these presets")
@@ -224,7 +231,7 @@ def _demo_parser(sub) -> None:
     p.add_argument("--table", help="run this table's smoke grid and write its report (make demo)")
     p.add_argument("--preset", default="digits")
     p.add_argument("--config", help="a config.json instead of the preset")
-    p.add_argument("--set", nargs="+", action=ExtendList, metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="+", action=KeyValueList, metavar="KEY=VALUE",
                    help="overrides (repeatable)")  # fmt: skip
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--steps", type=int, default=32, help="DDPM steps for the grid and FID")

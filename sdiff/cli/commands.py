@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -181,6 +182,41 @@ def models_table(names: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def presets_table():
+    """One row per run preset (``sdiff.training.config.RUN_PRESETS``): its model, data, image
+    size, batch, learning rate, training budget and parameter count (meta device)."""
+    import pandas as pd
+    import torch
+
+    from sdiff.models.presets import build_model
+    from sdiff.training.config import RUN_PRESETS, get_run_preset
+
+    rows = []
+    for name in RUN_PRESETS:
+        c = get_run_preset(name)
+        with torch.device("meta"):  # shapes only: U-ViT L's 1.9B parameters allocate nothing
+            params = sum(p.numel() for p in build_model(c.model).parameters())
+        rows.append({
+            "preset": name, "model": c.model.kind, "params_M": params / 1e6,
+            "data": c.data.name, "px": c.data.resolution, "batch": c.train.batch_size,
+            "lr": c.train.lr, "images": c.train.total_images,
+            "steps": -(-c.train.total_images // c.train.batch_size),
+            "schedule": c.diffusion.schedule.name,
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    df = presets_table()
+    if args.json:
+        print(json.dumps(df.to_dict(orient="records"), indent=2))
+        return 0
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print("\nsdiff train --preset NAME [--set key=value ...] trains one; `sdiff train --preset "
+          "NAME --dry-run` prints its whole config; model presets: `sdiff models`")  # fmt: skip
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from sdiff.models.presets import PRESETS
 
@@ -318,6 +354,48 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# Below this many samples an FID is noticeably biased upwards (its bias falls roughly as 1/n,
+# so FIDs compare only at equal n); ImageNet papers report 10k (ablations) to 50k samples.
+FID_MIN_SAMPLES = 10_000
+
+
+def eval_summary(record: dict) -> str:
+    """One line a person reads before the JSON: the metrics, of how many samples against what."""
+    parts = []
+    if record.get("fid") is not None:
+        parts.append(f"FID {record['fid']:.2f}")
+    if record.get("kid_mean") is not None:
+        parts.append(f"KID {record['kid_mean']:.4f} ± {record.get('kid_std') or 0:.4f}")
+    if record.get("precision") is not None:
+        parts.append(f"precision {record['precision']:.3f}, recall {record['recall']:.3f}")
+    if record.get("isc_mean") is not None:
+        parts.append(f"IS {record['isc_mean']:.2f}")
+    n, ref = record.get("num_generated"), record.get("num_reference")
+    against = f" against {ref} reference images" if ref else ""
+    fx = f" ({record['feature_extractor']})" if record.get("feature_extractor") else ""
+    return f"{'; '.join(parts) or 'no metrics'} of {n} samples{against}{fx}"
+
+
+def fid_sample_warning(record: dict) -> str | None:
+    """The warning for an FID of fewer than ``FID_MIN_SAMPLES`` samples, or None."""
+    n = record.get("num_generated")
+    if record.get("fid") is None or n is None or n >= FID_MIN_SAMPLES:
+        return None
+    return (
+        f"FID of {n} samples is biased upwards (the bias falls roughly as 1/n): compare it only "
+        f"with FIDs of the same n, and use at least {FID_MIN_SAMPLES:,} samples (the papers' "
+        "50,000 for ImageNet) for a number to quote"
+    )
+
+
+def _report_eval(record: dict) -> None:
+    """The summary and the small-n warning on stderr; stdout stays one JSON document."""
+    warning = fid_sample_warning(record)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
+    print(eval_summary(record), file=sys.stderr)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from sdiff.eval.metrics import evaluate, save_reference_stats
 
@@ -345,13 +423,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.save_samples:
             ensure_folder(args.save_samples)
         record = evaluate_run(source, spec, ema=not args.no_ema, samples_dir=args.save_samples)
+        _report_eval(record)
         print(json.dumps(record, indent=2, default=str))
         # stdout stays one JSON document (pipe it into jq); the location goes to stderr
         print(f"recorded in {metrics_path(source).resolve()}", file=sys.stderr)
         return 0
     if not args.reference or args.reference == "train":
         raise ValueError("--samples needs --reference FOLDER or .npz")
-    print(json.dumps(evaluate(args.samples, args.reference, spec), indent=2, default=str))
+    record = evaluate(args.samples, args.reference, spec)
+    _report_eval(record)
+    print(json.dumps(record, indent=2, default=str))
     return 0
 
 
