@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 import sdiff.training.checkpoint as ckpt_mod
 from sdiff.data.datasets import DataConfig
+from sdiff.models.presets import build_model
 from sdiff.models.uvit import UViTConfig
 from sdiff.training.checkpoint import list_checkpoints, load_checkpoint
 from sdiff.training.config import RunConfig, TrainConfig, apply_overrides, to_json
@@ -312,3 +313,23 @@ def test_tensorboard_is_optional_and_named_when_missing(tmp_path, monkeypatch):
     cfg = apply_overrides(CONFIG, ["train.tensorboard=true"])
     with pytest.raises(ValueError, match=r"pip install 'sdiff\[tensorboard\]'"):
         Trainer(cfg, tmp_path, progress=False).run(max_steps=1)
+
+
+def test_sdiff_train_prints_a_header_then_resumes_with_it(tmp_path, capsys):
+    """The header's numbers against the config and the data (5000 bundled digits), counted
+    here; a second run of a finished folder says where it resumes."""
+    from sdiff.cli import main
+
+    (tmp_path / "cfg.json").write_text(to_json(CONFIG))
+    argv = ["train", "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "run"),
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    params = sum(p.numel() for p in build_model(MODEL).parameters())
+    assert out[0] == (f"sdiff train: uvit {params / 1e6:.2f}M parameters, 32 px, shifted schedule")
+    assert out[1] == "  device cpu x 1 process(es), precision auto"
+    assert out[2] == "  data mnist (5,000 images, 10 classes)"
+    assert out[3] == "  96 images = 12 steps of batch 8 (8 per process), from scratch"
+    assert out[4].endswith(f"logs {tmp_path / 'run' / 'metrics.csv'}")
+    assert main(argv) == 0
+    assert "resuming at step 12" in capsys.readouterr().out

@@ -278,6 +278,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = _device(args.device) if args.device else None
     trainer = Trainer(config, args.out, device=device, progress=not args.no_progress)
     finished = trainer.step >= trainer.total_steps()
+    if trainer.dist.main:
+        print(trainer.header(), flush=True)
     result = trainer.run()
     if trainer.dist.main:
         state = "already finished; nothing to do" if finished else "trained"

@@ -221,6 +221,29 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._prepare_run_dir()
 
+    def header(self) -> str:
+        """What a person wants to see before the first step: the model and its size, the
+        device and processes, the data, the budget, where it resumes and where logs go."""
+        c, t = self.config, self.config.train
+        params = sum(p.numel() for p in self.model.parameters())
+        if self.dist.world > 1 and c.train.distributed == "fsdp":
+            params = sum(p.numel() for p in self.ema.parameters())  # full shapes of the EMA
+        total = self.total_steps()
+        where = "from scratch" if self.step == 0 else f"resuming at step {self.step:,}"
+        logs = [str(self.run_dir / "metrics.csv")]
+        if t.tensorboard:
+            logs.append(str(self.run_dir / "tensorboard"))
+        return "\n".join([
+            f"sdiff train: {c.model.kind} {params / 1e6:.2f}M parameters, {c.model.resolution} "
+            f"px, {c.diffusion.schedule.name} schedule",
+            f"  device {self.device} x {self.dist.world} process(es), precision {t.precision}",
+            f"  data {c.data.name} ({len(self.dataset):,} images"
+            + (f", {self.num_classes} classes" if self.num_classes else "") + ")",
+            f"  {t.total_images:,} images = {total:,} steps of batch {t.batch_size} "
+            f"({self.batch_local} per process), {where}",
+            f"  run folder {self.run_dir.resolve()}; logs {', '.join(logs)}",
+        ])  # fmt: skip
+
     # -- the state the step changes (sdiff.training.step.TrainState) -------------------------
     @property
     def model(self) -> nn.Module:
