@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdiff.eval.spec import EvalSpec
-from sdiff.training.config import RunConfig, apply_overrides, to_dict
+from sdiff.training.config import RunConfig, apply_overrides, identity_dict
 
 __all__ = [
     "DEFAULT_EVAL",
@@ -133,7 +133,7 @@ class Cell:
     @property
     def spec(self) -> dict[str, Any]:
         """What fully determines the cell's result, as plain JSON."""
-        spec = {"kind": self.kind, "config": to_dict(self.config)}
+        spec = {"kind": self.kind, "config": identity_dict(self.config)}
         if self.kind == "train":
             spec["eval"] = eval_identity(self.eval)
         return spec

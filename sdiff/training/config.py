@@ -13,6 +13,7 @@ no-op.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -39,6 +40,7 @@ __all__ = [
     "diff_keys",
     "from_dict",
     "get_run_preset",
+    "identity_dict",
     "to_dict",
     "to_json",
 ]
@@ -70,6 +72,7 @@ TRAIN_RULES: dict[str, Range] = {
     "sample_count": POSITIVE_INT,
     "sample_steps": POSITIVE_INT,
     "num_workers": NON_NEGATIVE_INT,
+    "batch_per_gpu": POSITIVE_INT,
 }
 
 
@@ -102,6 +105,9 @@ class TrainConfig:
     num_workers: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms, for exact resume tests
     tensorboard: bool = False
+    # gradient accumulation: images per forward/backward on each process (None: the whole
+    # per-process batch, batch_size / processes, at once); the global batch stays batch_size
+    batch_per_gpu: int | None = None
 
     def __post_init__(self) -> None:
         check_fields(self, "train", TRAIN_RULES)
@@ -161,9 +167,30 @@ def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix]
 
 
+# Fields added after configs were first hashed, with the value that means "as before": they
+# enter a config's identity (``identity_dict``: ``config_hash``, an ablation cell's hash, the
+# resume check) only when set to something else, so every run folder, checkpoint and results
+# store written before they existed keeps its hash.
+LATER_FIELDS: dict[tuple[str, ...], Any] = {("train", "batch_per_gpu"): None}
+
+
+def identity_dict(config: Any) -> dict:
+    """``to_dict(config)`` (or such a dict, e.g. a run's config.json) without the
+    ``LATER_FIELDS`` that hold their "as before" value."""
+    tree = copy.deepcopy(config) if isinstance(config, dict) else to_dict(config)
+    for path, before in LATER_FIELDS.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node and node[path[-1]] == before:
+            del node[path[-1]]
+    return tree
+
+
 def config_hash(config: Any, length: int = 12) -> str:
-    """Hash of the canonical JSON: same config, same hash; any change, a new one."""
-    canonical = json.dumps(to_dict(config), sort_keys=True, separators=(",", ":"))
+    """Hash of the canonical JSON of the config's identity (``identity_dict``): same config,
+    same hash; any change, a new one."""
+    canonical = json.dumps(identity_dict(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:length]
 
 

@@ -11,8 +11,11 @@ throughput and MFU, ``sdiff bench memory --measure``, the asv suite, bench/perf)
 functions, so a change to the step shows in all of them and no benchmark times a copy.
 
 The step, in order: the learning rate of this step (linear warm-up over ``warmup_images``);
-the diffusion loss (``sdiff.diffusion.process.diffusion_loss``: t and noise drawn from the
-state's generator) under bf16 autocast where the config asks for it; ``zero_grad``, backward;
+``zero_grad``; the diffusion loss (``sdiff.diffusion.process.diffusion_loss``: t and noise
+drawn from the state's generator) under bf16 autocast where the config asks for it, and its
+backward, over the whole per-process batch or, with ``train.batch_per_gpu``, over micro-batches
+of that size whose gradients add up to the batch mean's (gradient accumulation: the global
+batch stays ``train.batch_size``; processes reduce gradients after the last micro-batch only);
 the global gradient norm, clipped to ``grad_clip``; a non-finite norm (which any non-finite
 loss gives) raises ``FloatingPointError`` before the optimizer touches the weights; the Adam
 step; the EMA update (decay ``min(ema_decay, (1 + step) / (10 + step))`` while ``ema_warmup``
@@ -50,6 +53,7 @@ __all__ = [
     "autocast",
     "build_state",
     "lr_at",
+    "micro_batches",
     "prepare_batch",
     "train_step",
     "update_ema",
@@ -194,23 +198,77 @@ def train_step(
     lr = lr_at(tc, state.step * tc.batch_size)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    with autocast(tc, state.device):
-        out = diffusion_loss(
-            state.step_model, x, config.diffusion, cond, schedule=state.schedule,
-            generator=state.generator, t=t, noise=noise,
-        )  # fmt: skip
     state.optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
+    chunks = micro_batches(x.shape[0], tc.batch_per_gpu)
+    loss: Tensor | None = None
+    for i, part in enumerate(chunks):
+        # gradients of the batch mean: each micro-batch's mean weighted by its share
+        share = (part.stop - part.start) / x.shape[0]
+        with _sync_gradients(state.step_model, i == len(chunks) - 1), autocast(tc, state.device):
+            out = diffusion_loss(
+                state.step_model, x[part], config.diffusion, _rows(cond, part),
+                schedule=state.schedule, generator=state.generator, t=_rows(t, part),
+                noise=_rows(noise, part),
+            )  # fmt: skip
+        (out.loss * share).backward()
+        part_loss = out.loss.detach() * share if len(chunks) > 1 else out.loss.detach()
+        loss = part_loss if loss is None else loss + part_loss
     norm = _grad_norm(list(state.model.parameters()), tc.grad_clip)
     if not torch.isfinite(norm):
         raise FloatingPointError(
             f"non-finite loss or gradient at step {state.step + 1} (loss "
-            f"{out.loss.item():.4g}, gradient norm {norm.item():.4g}); stopped before the update"
+            f"{loss.item():.4g}, gradient norm {norm.item():.4g}); stopped before the update"
         )
     state.optimizer.step()
     update_ema(state, tc)
     state.step += 1
-    return out.loss.detach(), norm
+    return loss, norm
+
+
+def micro_batches(n: int, size: int | None) -> list[slice]:
+    """Gradient accumulation: the rows of a per-process batch of ``n`` in forward/backward
+    passes of ``size`` (``train.batch_per_gpu``; None: all at once). ``size`` must divide
+    ``n``, so that every micro-batch weighs the same in the step's mean."""
+    if size is None or size >= n:
+        return [slice(0, n)]
+    if n % size:
+        raise ValueError(
+            f"train.batch_per_gpu {size} does not divide the per-process batch {n} "
+            f"(train.batch_size / processes): gradient accumulation needs equal micro-batches"
+        )
+    return [slice(i, i + size) for i in range(0, n, size)]
+
+
+def _rows(value: Any, part: slice) -> Any:
+    """A micro-batch of a condition (labels, a TextCondition) or of given t / noise."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        return value[part]
+    if isinstance(value, tuple):  # TextCondition and other named tuples of per-row tensors
+        return type(value)(*(_rows(v, part) for v in value))
+    return value
+
+
+def _sync_gradients(model: nn.Module, last: bool):
+    """Reduce gradients across processes only after the last micro-batch: DDP's ``no_sync``,
+    FSDP2's ``set_requires_gradient_sync``; a single process has nothing to reduce."""
+    if last:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DistributedDataParallel
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # fully_shard (FSDP2)
+
+        @contextlib.contextmanager
+        def unsynced():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+
+        return unsynced()
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()

@@ -60,8 +60,8 @@ from sdiff.data.images import save_grid
 from sdiff.diffusion.samplers import get_sampler, x_predictor
 from sdiff.training import step as one_step
 from sdiff.training.checkpoint import list_checkpoints, load_latest_good, save_checkpoint
-from sdiff.training.config import RunConfig, config_hash, diff_keys, to_dict, to_json
-from sdiff.training.step import TrainState, build_state
+from sdiff.training.config import RunConfig, config_hash, diff_keys, identity_dict, to_json
+from sdiff.training.step import TrainState, build_state, micro_batches
 from sdiff.util.devices import resolve_device
 from sdiff.util.errors import StopRequested
 from sdiff.util.files import append_csv_row, atomic_write_text, write_csv
@@ -212,6 +212,7 @@ class Trainer:
             raise ValueError(
                 f"train.batch_size {t.batch_size} is not divisible by {self.dist.world} processes"
             )
+        micro_batches(self.batch_local, t.batch_per_gpu)  # a bad split fails before any work
         self.state: TrainState = build_state(
             config, self.device, rank=self.dist.rank, world=self.dist.world
         )
@@ -280,10 +281,10 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
         cfg_path = self.run_dir / "config.json"
-        new = to_dict(self.config)
+        new = identity_dict(self.config)
         if cfg_path.exists():
             try:
-                old = json.loads(cfg_path.read_text())
+                old = identity_dict(json.loads(cfg_path.read_text()))
             except ValueError as err:
                 raise ValueError(f"{cfg_path} is not valid JSON: {err}") from None
             if old != new:
