@@ -4,6 +4,7 @@ stop, DDP equivalence with a single process, the data order, EMA and warm-up by 
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -333,3 +334,50 @@ def test_sdiff_train_prints_a_header_then_resumes_with_it(tmp_path, capsys):
     assert out[4].endswith(f"logs {tmp_path / 'run' / 'metrics.csv'}")
     assert main(argv) == 0
     assert "resuming at step 12" in capsys.readouterr().out
+
+
+def test_a_finished_run_is_extended_to_the_state_of_a_longer_run(reference_run, tmp_path):
+    """Raise train.total_images on a finished run: it resumes at its last step, records the
+    change, and ends bit-identical to a run that had the larger budget from the start; data
+    loading and logging cadence may change on the way."""
+    longer = apply_overrides(CONFIG, ["train.total_images=192"])
+    run = tmp_path / "run"
+    Trainer(CONFIG, run, progress=False).run()
+    resumed = apply_overrides(longer, ["train.log_every_images=8", "train.keep_checkpoints=3"])
+    trainer = Trainer(resumed, run, progress=False)
+    assert trainer.step == 12
+    trainer.run()
+    fresh = tmp_path / "fresh"
+    Trainer(longer, fresh, progress=False).run()
+    assert_same_state(final_state(fresh), final_state(run))
+    (record,) = [
+        json.loads(line) for line in (run / "config_changes.jsonl").read_text().splitlines()
+    ]
+    assert record["step"] == 12 and record["changes"] == {
+        "train.total_images": [96, 192], "train.log_every_images": [16, 8],
+        "train.keep_checkpoints": [2, 3],
+    }  # fmt: skip
+    assert json.loads((run / "config.json").read_text())["train"]["total_images"] == 192
+    # and again with the same config: nothing more recorded, resumes at the end
+    assert Trainer(resumed, run, progress=False).step == 24
+    assert len((run / "config_changes.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [("train.lr=0.002", "differs at ['train.lr']"),
+     ("train.total_images=48", "train.total_images 48 is less than the run's 96")],
+)  # fmt: skip
+def test_a_resume_refuses_changes_that_change_results(tmp_path, override, says):
+    run = tmp_path / "run"
+    Trainer(CONFIG, run, progress=False).run()
+
+    def files():  # the run's own files (run.lock records who held the folder last)
+        return {
+            p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.suffix != ".lock"
+        }
+
+    before = files()
+    with pytest.raises(ValueError, match=re.escape(says)):
+        Trainer(apply_overrides(CONFIG, [override]), run, progress=False)
+    assert files() == before and "config_changes.jsonl" not in before

@@ -64,7 +64,7 @@ from sdiff.training.config import RunConfig, config_hash, diff_keys, identity_di
 from sdiff.training.step import TrainState, build_state, micro_batches
 from sdiff.util.devices import resolve_device
 from sdiff.util.errors import StopRequested
-from sdiff.util.files import append_csv_row, atomic_write_text, write_csv
+from sdiff.util.files import append_csv_row, append_line, atomic_write_text, write_csv
 from sdiff.util.runlock import RunLock
 
 __all__ = ["TrainResult", "Trainer", "index_batches", "train"]
@@ -156,6 +156,43 @@ class _Clock:
     def __init__(self) -> None:
         self.start = self.tick = time.perf_counter()
         self.steps = 0
+
+
+# Fields a resumed run may change: when things are logged, saved and sampled, how data is
+# loaded, and how long the run goes on (upwards); none of them changes what a step computes.
+RESUMABLE_FIELDS = (
+    "train.num_workers", "train.log_every_images", "train.checkpoint_every_images",
+    "train.keep_checkpoints", "train.sample_every_images", "train.sample_count",
+    "train.sample_steps", "train.sample_sampler", "train.tensorboard", "train.total_images",
+)  # fmt: skip
+CHANGES_FILE = "config_changes.jsonl"  # one JSON record per resume that changed the config
+
+
+def resume_changes(old: dict, new: dict, run_dir: Path) -> dict[str, list[Any]]:
+    """{field: [old, new]} of a resume's allowed changes; a ValueError naming the fields when
+    any other field differs, or when ``train.total_images`` would shrink."""
+    diff = diff_keys(old, new)
+    refused = [k for k in diff if k not in RESUMABLE_FIELDS]
+    if refused:
+        raise ValueError(
+            f"{run_dir} holds a run with a different config (differs at {refused}); a resume "
+            f"may change only {', '.join(RESUMABLE_FIELDS)}: use a new --out folder, or the "
+            f"run's own values for those fields"
+        )
+
+    def at(tree: dict, key: str) -> Any:
+        for part in key.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return tree
+
+    changes = {k: [at(old, k), at(new, k)] for k in diff}
+    total = changes.get("train.total_images")
+    if total and total[1] < total[0]:
+        raise ValueError(
+            f"train.total_images {total[1]} is less than the run's {total[0]}: a resume may "
+            f"extend a run, not shorten it (use a checkpoint of the step you want instead)"
+        )
+    return changes
 
 
 class Trainer:
@@ -282,20 +319,20 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         cfg_path = self.run_dir / "config.json"
         new = identity_dict(self.config)
+        changes: dict[str, list[Any]] = {}
+        accepted = {config_hash(self.config)} | self._earlier_hashes()
         if cfg_path.exists():
             try:
-                old = identity_dict(json.loads(cfg_path.read_text()))
+                raw = json.loads(cfg_path.read_text())
+                old = identity_dict(raw)
             except ValueError as err:
                 raise ValueError(f"{cfg_path} is not valid JSON: {err}") from None
-            if old != new:
-                diff = diff_keys(old, new)
-                raise ValueError(
-                    f"{self.run_dir} holds a run with a different config (differs at {diff}); "
-                    f"use a new --out folder or the same config to resume"
-                )
+            changes = resume_changes(old, new, self.run_dir)
+            if changes:
+                accepted.add(config_hash(raw))
 
         def same_config(path: Path, state: dict[str, Any]) -> None:
-            if state.get("config_hash") != config_hash(self.config):
+            if state.get("config_hash") not in accepted:
                 raise ValueError(f"checkpoint {path} was written by a different config")
 
         found = load_latest_good(self.run_dir / "checkpoints", accept=same_config)
@@ -304,11 +341,32 @@ class Trainer:
         if self.dist.main:
             if not self.run_dir.is_dir():
                 self.run_dir.mkdir(parents=True)
+            if changes:  # recorded, then the folder's config is the new one
+                record = {"time": time.strftime("%Y-%m-%d %H:%M:%S %z"), "step": self.step,
+                          "from_hash": config_hash(raw), "changes": changes}  # fmt: skip
+                append_line(self.run_dir / CHANGES_FILE, json.dumps(record) + "\n")
+                atomic_write_text(cfg_path, to_json(self.config) + "\n")
+                print(f"sdiff train: resuming {self.run_dir} at step {self.step} with "
+                      + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+                      + f" (recorded in {CHANGES_FILE})", flush=True)  # fmt: skip
             if not cfg_path.exists():
                 atomic_write_text(cfg_path, to_json(self.config) + "\n")
             self._truncate_metrics()
         if dist.is_initialized():
             dist.barrier()
+
+    def _earlier_hashes(self) -> set[str]:
+        """The config hashes this folder's checkpoints may carry from before recorded changes."""
+        path = self.run_dir / CHANGES_FILE
+        if not path.is_file():
+            return set()
+        hashes = set()
+        for line in path.read_text().splitlines():
+            try:
+                hashes.add(json.loads(line)["from_hash"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line of an interrupted append
+        return hashes
 
     def _truncate_metrics(self) -> None:
         """Drop rows logged after the checkpoint this run resumes from (they are redone); a

@@ -18,6 +18,7 @@ from typing import Any
 
 __all__ = [
     "append_csv_row",
+    "append_line",
     "atomic_write_text",
     "atomic_write_with",
     "ensure_folder",
@@ -69,13 +70,20 @@ def append_csv_row(path: str | os.PathLike[str], fields: list[str], row: Mapping
     path = Path(path)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fields)
-    size = path.stat().st_size if path.exists() else 0
-    if size == 0:
+    if not path.exists() or path.stat().st_size == 0:
         writer.writeheader()
     writer.writerow(row)
+    append_line(path, buffer.getvalue())
+
+
+def append_line(path: str | os.PathLike[str], text: str) -> None:
+    """Append ``text`` (a line, or lines, ending in a newline) to ``path``; a failed append is
+    cut off again, so the file never ends in a partial line."""
+    path = Path(path)
+    size = path.stat().st_size if path.exists() else 0
     try:
         with open(path, "a", newline="") as f:
-            f.write(buffer.getvalue())
+            f.write(text)
     except OSError as err:
         try:
             os.truncate(path, size)
