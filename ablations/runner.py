@@ -43,7 +43,7 @@ from sdiff.ablations.cache import find_cached, link_cell
 from sdiff.ablations.executors import EXECUTORS, GridJob
 from sdiff.ablations.grid import SCALES, Table, expand
 from sdiff.ablations.store import LIVE_GRACE_S, STALE_AFTER_S, STORE_NAME, ResultsStore
-from sdiff.util.cli_args import ExtendList, KeyValueList
+from sdiff.util.cli_args import ExtendList, KeyValueList, show_defaults
 from sdiff.util.errors import report_failure
 
 __all__ = [
@@ -632,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="rerun cells that failed before")
     p.add_argument("--device", help="training/evaluation device (default cuda if present)")
     p.add_argument("--no-progress", action="store_true")
-    return p
+    return show_defaults(p)
 
 
 def ablate_main(

@@ -123,3 +123,30 @@ def test_eval_summary_and_the_small_n_fid_warning():
     assert "FID of 200 samples is biased upwards" in fid_sample_warning(record)
     assert fid_sample_warning({**record, "num_generated": FID_MIN_SAMPLES}) is None
     assert fid_sample_warning({"kid_mean": 0.1, "num_generated": 10}) is None  # no FID asked
+
+
+def _parsers():
+    from sdiff.ablations.runner import build_parser as ablate_parser
+    from sdiff.cli import build_parser
+
+    top = build_parser()
+    subs = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    return {"sdiff": top, **{f"sdiff {k}": v for k, v in subs.choices.items()},
+            "sdiff ablate": ablate_parser()}  # fmt: skip
+
+
+def test_every_option_with_a_default_says_it_in_help():
+    """`--help` shows each option's default: an option whose default is a value (not None,
+    not a flag's False) has the word "default" in its help text, in every parser."""
+    missing = []
+    for name, parser in _parsers().items():
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            if action.default in (None, False, argparse.SUPPRESS, "", []):
+                continue
+            if "default" not in (action.help or "").lower():
+                missing.append(f"{name} {action.option_strings[0]}")
+    assert not missing, missing
+    text = _parsers()["sdiff eval"].format_help()
+    assert "(default: 1000)" in text and "(default: fid kid prc)" in text

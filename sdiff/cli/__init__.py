@@ -36,7 +36,7 @@ import sys
 import warnings
 
 from sdiff import __version__
-from sdiff.util.cli_args import ExtendList, KeyValueList
+from sdiff.util.cli_args import ExtendList, KeyValueList, show_defaults
 from sdiff.util.errors import report_failure
 
 # The registries' names, kept here so that parsing needs no torch; tests/test_cli.py pins them
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                 _results_parser, _bench_parser, _presets_parser, _models_parser, _schedule_parser,
                 _sampler_check_parser, _demo_parser):  # fmt: skip
         add(sub)
-    return parser
+    return show_defaults(parser)
 
 
 def _train_parser(sub) -> None:

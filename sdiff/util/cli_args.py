@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ExtendList", "KeyValueList"]
+__all__ = ["ExtendList", "KeyValueList", "show_defaults"]
 
 
 class ExtendList(argparse.Action):
@@ -51,3 +51,31 @@ class KeyValueList(ExtendList):
                     f"positional arguments before {option_string} (or end its list with --)"
                 )
         super().__call__(parser, namespace, values, option_string)
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Every option of ``parser`` (and of its subcommands) whose default is a value says it in
+    ``--help`` ("(default: 64)"); options whose help already names their default, flags and
+    options without a default are left as they are. Returns the parser."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                show_defaults(sub)
+            continue
+        default = action.default
+        if (
+            not action.option_strings
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or isinstance(action, (argparse._HelpAction, argparse._VersionAction))
+        ):
+            continue
+        text = action.help or ""
+        if "default" in text.lower():
+            continue
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        if shown == "" or shown == []:
+            continue
+        action.help = (f"{text} " if text else "") + f"(default: {shown})".replace("%", "%%")
+    return parser
