@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sdiff.util.cli_args import ExtendList
+from sdiff.util.cli_args import ExtendList, show_defaults
 from sdiff.util.files import append_csv_row, atomic_write_text, ensure_folder
 from sdiff.util.provenance import git_sha
 from sdiff.util.tables import markdown_table
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-math-len", type=int, default=4096, help="skip sdpa-math above this")
     p.add_argument("--csv", default="runs/bench/attention.csv")
     p.add_argument("--markdown")
-    args = p.parse_args(argv)
+    args = show_defaults(p).parse_args(argv)
     dtype = getattr(torch, args.dtype)
     meta = {
         "device": device_name(args.device),

@@ -43,6 +43,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sdiff.util.cli_args import show_defaults
 from sdiff.util.tables import markdown_table
 
 FAILING = ("SLOWER", "FAILED")
@@ -309,7 +310,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repo", default=".", help="the git repository (default: the current one)")
     p.add_argument("--perf-dir", help="benchmark folder (default <repo>/bench/perf)")
     p.add_argument("--python", default=sys.executable, help="interpreter with torch and pytest")
-    return p.parse_args(argv)
+    return show_defaults(p).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

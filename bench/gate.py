@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         "--update", action="store_true", help="rewrite the baseline with today's figures"
     )
     p.add_argument("--baseline", default=str(BASELINE))
-    args = p.parse_args(argv)
+    from sdiff.util.cli_args import show_defaults
+
+    args = show_defaults(p).parse_args(argv)
     if not Path("/dev/nvidiactl").exists():  # as tests/conftest.py: interpret Triton on CPU
         os.environ.setdefault("TRITON_INTERPRET", "1")
     current = current_figures()

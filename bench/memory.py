@@ -105,6 +105,7 @@ from sdiff.models.presets import PRESETS, ModelConfig, build_model, get_preset
 from sdiff.models.registry import is_model_config
 from sdiff.models.unet import UNetConfig
 from sdiff.models.uvit import TextCondition
+from sdiff.util.cli_args import show_defaults
 from sdiff.util.files import append_csv_row, ensure_folder
 
 __all__ = [
@@ -728,7 +729,7 @@ def memory_main(args: list[str] | None = None) -> int:
     p.add_argument("--measure", action="store_true", help="also measure (CUDA; CPU: RSS, fp32)")
     p.add_argument("--snapshot", default=None, help="CUDA memory snapshot of the step (.pickle)")
     p.add_argument("--csv", default=None, help="append the rows to this CSV file")
-    a = p.parse_args(args)
+    a = show_defaults(p).parse_args(args)
     _check_batch(a.batch)
     if a.budget_gib <= 0:
         raise ValueError(f"--budget-gib must be > 0; got {a.budget_gib}")

@@ -44,7 +44,7 @@ from sdiff.models.flops import model_stats
 from sdiff.models.presets import PRESETS, ModelConfig, get_preset
 from sdiff.training.config import RunConfig, TrainConfig
 from sdiff.training.step import TrainState, autocast, build_state, prepare_batch, train_step
-from sdiff.util.cli_args import ExtendList
+from sdiff.util.cli_args import ExtendList, show_defaults
 from sdiff.util.devices import resolve_device
 from sdiff.util.files import append_csv_row
 from sdiff.util.provenance import provenance
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-budget", type=float, default=math.inf,
                    help="seconds; rows not started by then are recorded as skipped")  # fmt: skip
     p.add_argument("--csv", default="reports/bench/throughput.csv")
-    args = p.parse_args(argv)
+    args = show_defaults(p).parse_args(argv)
     unknown = sorted(set(args.presets) - set(PRESETS))
     if unknown:
         get_preset(unknown[0])  # raises with the known names

@@ -135,11 +135,38 @@ def _parsers():
             "sdiff ablate": ablate_parser()}  # fmt: skip
 
 
-def test_every_option_with_a_default_says_it_in_help():
+class _Parser(Exception):
+    def __init__(self, parser):
+        self.parser = parser
+
+
+def _bench_parsers(monkeypatch):
+    """The parsers ``sdiff bench``'s commands build inside their mains, caught as they parse."""
+    import importlib
+
+    def catch(self, *args, **kwargs):
+        raise _Parser(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    found = {}
+    for module, entry in [
+        ("bench_attention", "main"),
+        ("compare", "parse_args"),
+        ("gate", "main"),
+        ("memory", "memory_main"),
+        ("throughput", "main"),
+    ]:
+        with pytest.raises(_Parser) as caught:
+            getattr(importlib.import_module(f"sdiff.bench.{module}"), entry)([])
+        found[f"bench {module}"] = caught.value.parser
+    return found
+
+
+def test_every_option_with_a_default_says_it_in_help(monkeypatch):
     """`--help` shows each option's default: an option whose default is a value (not None,
     not a flag's False) has the word "default" in its help text, in every parser."""
     missing = []
-    for name, parser in _parsers().items():
+    for name, parser in {**_parsers(), **_bench_parsers(monkeypatch)}.items():
         for action in parser._actions:
             if not action.option_strings or isinstance(action, argparse._HelpAction):
                 continue
