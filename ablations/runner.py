@@ -222,9 +222,11 @@ def _store_statuses(path: Path, hashes: list[str]) -> dict[str, str]:
         raise ValueError(f"cannot read the results store {path}: {err}") from err
     wanted = set(hashes)
     out = {}
-    for h, status, owner, beat in (tuple(r.values()) for r in rows):
+    for r in rows:
+        h, status = r["hash"], r["status"]
         if h in wanted:
-            if status == "running" and not owner_alive(owner, beat, STALE_AFTER_S, LIVE_GRACE_S):
+            alive = owner_alive(r["owner"], r["heartbeat"], STALE_AFTER_S, LIVE_GRACE_S)
+            if status == "running" and not alive:
                 status = "interrupted"
             out[h] = status
     return out

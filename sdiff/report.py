@@ -929,10 +929,6 @@ def _plt():
     return plt
 
 
-def _cell_label(r: pd.Series) -> str:
-    return r["row"] if r["column"] == "all" else f"{r['row']} / {r['column']}"
-
-
 def _layout(cells: pd.DataFrame, table=None, scale: str | None = None):
     """The rows and columns to plot as (name, title) pairs, in the table's order with its
     labels (``Axis.title``); without a table, the cells' own names in the order met."""

@@ -22,10 +22,16 @@ class ExtendList(argparse.Action):
         values: str | Sequence[Any] | None,
         option_string: str | None = None,
     ) -> None:
+        given = values if isinstance(values, (list, tuple)) else [values]
+        for item in given:
+            self.check(parser, item, option_string)
         current = getattr(namespace, self.dest, None)
         items = [] if current is None or current is self.default else list(current)
-        items.extend(values if isinstance(values, (list, tuple)) else [values])
+        items.extend(given)
         setattr(namespace, self.dest, items)
+
+    def check(self, parser: argparse.ArgumentParser, item: Any, option: str | None) -> None:
+        """A hook for lists whose items have a form (``KeyValueList``); any item goes here."""
 
 
 class KeyValueList(ExtendList):
@@ -34,23 +40,14 @@ class KeyValueList(ExtendList):
     train.lr=1e-4 2``: argparse hands the ``2`` to ``--set``); it is refused with that said,
     instead of failing later as an override that names no field."""
 
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: str | Sequence[Any] | None,
-        option_string: str | None = None,
-    ) -> None:
-        items = values if isinstance(values, (list, tuple)) else [values]
-        for item in items:
-            key, sep, _ = str(item).partition("=")
-            if not sep or not key:
-                parser.error(
-                    f"{option_string} takes KEY=VALUE items, and {item!r} is not one: an "
-                    f"argument after {option_string} is read as one of its items, so put "
-                    f"positional arguments before {option_string} (or end its list with --)"
-                )
-        super().__call__(parser, namespace, values, option_string)
+    def check(self, parser: argparse.ArgumentParser, item: Any, option: str | None) -> None:
+        key, sep, _ = str(item).partition("=")
+        if not sep or not key:
+            parser.error(
+                f"{option} takes KEY=VALUE items, and {item!r} is not one: an argument after "
+                f"{option} is read as one of its items, so put positional arguments before "
+                f"{option} (or end its list with --)"
+            )
 
 
 def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
