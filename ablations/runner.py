@@ -1,12 +1,12 @@
 """Running a grid (a paper table, a shipped grid or a grid file): expand it, record the cells
 in a results store, take what other grids already did from the cell cache, run the rest.
 
-    sdiff ablate 2 --preset smoke --out runs/ablate/table2-smoke
-    sdiff ablate schedule --preset gpu --set data.root=/data/imagenet/train --executor gpus
+    sdiff ablate 2 --scale smoke --out runs/ablate/table2-smoke
+    sdiff ablate schedule --scale gpu --set data.root=/data/imagenet/train --executor gpus
     sdiff ablate my-grid.yaml --seeds 0 1 2   # a grid file (ablations.gridfile), three seeds
     sdiff ablate 2 --dry-run            # one line per cell: overrides, status, estimated cost
     sdiff ablate 2 --dry-run --json     # every cell's hash and resolved spec, as JSON
-    sdiff ablate --list                 # the tables and grids, their presets and costs
+    sdiff ablate --list                 # the tables and grids, their scales and costs
 
 The output folder (default ``runs/ablate/<table2 or grid name>-<scale>``) holds
 ``results.sqlite`` (the store: one row per cell, see ``ablations.store``) and
@@ -43,7 +43,7 @@ from sdiff.ablations.cache import find_cached, link_cell
 from sdiff.ablations.executors import EXECUTORS, GridJob
 from sdiff.ablations.grid import SCALES, Table, expand
 from sdiff.ablations.store import LIVE_GRACE_S, STALE_AFTER_S, STORE_NAME, ResultsStore
-from sdiff.util.cli_args import ExtendList, KeyValueList, show_defaults
+from sdiff.util.cli_args import ExtendList, KeyValueList, renamed, show_defaults
 from sdiff.util.errors import report_failure
 
 __all__ = [
@@ -116,7 +116,7 @@ def resolve_table(name: str | int, tables: Mapping[Any, Table] | None = None) ->
 
 
 def list_tables(tables: Mapping[Any, Table] | None = None) -> str:
-    """One paragraph per table: number, name and aliases, title, and per preset the grid's
+    """One paragraph per table: number, name and aliases, title, and per scale the grid's
     size, its expected cost and what it needs."""
     known = _unique(tables) if tables is not None else _registry()
     if tables is None:
@@ -144,7 +144,7 @@ def list_tables(tables: Mapping[Any, Table] | None = None) -> str:
                 else ", ".join(f"--set {k}=..." for k in s.needs)
             )
             extra = "".join(f"; {x}" for x in (s.cost, f"needs {needs}" if needs else "") if x)
-            lines.append(f"  --preset {name}: {size} cells{extra}")
+            lines.append(f"  --scale {name}: {size} cells{extra}")
     return "\n".join(lines) + "\n"
 
 
@@ -582,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(--list) or a grid file (GRID.yaml; see sdiff.ablations.gridfile)",
     )
     p.add_argument("table", nargs="?", help="table number (1-8), name, grid name or grid file")
-    p.add_argument("--preset", "--scale", dest="preset", default=None,
+    p.add_argument("--scale", "--preset", dest="preset", default=None, action=renamed("--preset"),
                    help="scale: smoke (CPU), gpu or paper (default: smoke, or the grid's only "
                    "scale)")  # fmt: skip
     p.add_argument("--out", help="output folder (default runs/ablate/<table<N> or grid>-<scale>)")
@@ -644,7 +644,7 @@ def ablate_main(
     debug: bool = False,
 ) -> int:
     """``sdiff ablate``. Exit 0: every cell done; 1: some failed; otherwise the code of the
-    failure (``sdiff.util.errors``: 2 a usage error such as an unknown table, row, preset or option;
+    failure (``sdiff.util.errors``: 2 a usage error such as an unknown table, row, scale or option;
     4 a store or folder that cannot be written, a full disk; 5 a device this machine lacks).
     ``tables``: a registry to use instead of ``sdiff.ablations.TABLES`` (tests); ``debug``:
     let the exception through, traceback and all."""

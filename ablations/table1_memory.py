@@ -1,7 +1,7 @@
 """Table 1's computation (its grid: ``ablations/grids/table1.yaml``): memory of convolution
 kernels vs feature maps per resolution, at batch 1024.
 
-    sdiff ablate 1 --preset smoke                       # seconds: computed, nothing trained
+    sdiff ablate 1 --scale smoke                        # seconds: computed, nothing trained
 
 The paper's point (simple diffusion, arXiv 2301.11093, "Scaling the Architecture"): at high
 resolution the feature maps dominate memory, at low resolution the kernels do, and 16x16 is

@@ -1,7 +1,7 @@
 """Training and sampling throughput per preset x resolution x batch x eager/compiled x backend.
 
     sdiff bench                                  # CPU: tiny presets at 32 and 64 px
-    sdiff bench --presets uvit-l-256 --res 256 --batch 32 --compiled both      # a GPU row
+    sdiff bench --model uvit-l-256 --res 256 --batch 32 --compiled both      # a GPU row
 
 For each configuration it builds the training state a run would (``run_config``: the preset
 at the resolution, the default diffusion and training settings at this batch, so label dropout
@@ -44,7 +44,7 @@ from sdiff.models.flops import model_stats
 from sdiff.models.presets import PRESETS, ModelConfig, get_preset
 from sdiff.training.config import RunConfig, TrainConfig
 from sdiff.training.step import TrainState, autocast, build_state, prepare_batch, train_step
-from sdiff.util.cli_args import ExtendList, show_defaults
+from sdiff.util.cli_args import ExtendList, renamed, show_defaults
 from sdiff.util.devices import resolve_device
 from sdiff.util.files import append_csv_row
 from sdiff.util.provenance import provenance
@@ -232,8 +232,9 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="sdiff bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", nargs="+", action=ExtendList,
-                   default=["unet-tiny-32", "uvit-tiny-32"])  # fmt: skip
+    p.add_argument("--model", "--presets", dest="presets", nargs="+",
+                   action=renamed("--presets", action=ExtendList), metavar="PRESET",
+                   default=["unet-tiny-32", "uvit-tiny-32"], help="model presets")  # fmt: skip
     p.add_argument("--res", type=int, nargs="+", action=ExtendList, default=[32, 64])
     p.add_argument("--batch", type=int, nargs="+", action=ExtendList, default=[8])
     p.add_argument("--compiled", choices=["no", "yes", "both"], default="no")

@@ -34,6 +34,7 @@ _EXPORTS = {
     "build_model": "sdiff.models.presets",
     "get_preset": "sdiff.models.presets",
     "attention": "sdiff.models.attention",
+    "load_pretrained": "sdiff.models.pretrained",
 }
 
 # Modules that lived at the package root before the core was grouped into subpackages.
@@ -129,4 +130,4 @@ def __getattr__(name: str):
     return value
 
 
-__all__ = ["PRESETS", "__version__", "attention", "build_model", "get_preset"]
+__all__ = ["PRESETS", "__version__", "attention", "build_model", "get_preset", "load_pretrained"]

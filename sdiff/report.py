@@ -1,7 +1,7 @@
 """Reports: the paper's tables from the results stores, with the paper's numbers beside ours,
 plots, sample grids and an index.
 
-    sdiff ablate 2 --preset smoke          # first: the grid, into runs/ablate/table2-smoke
+    sdiff ablate 2 --scale smoke           # first: the grid, into runs/ablate/table2-smoke
     sdiff report 2                         # -> runs/report/tables/table2-smoke.{md,tex}, plots
     sdiff report 2 --scale gpu --store runs/ablate/table2-gpu
     sdiff report --all                     # every store under runs/ablate, bench plots, index
@@ -526,12 +526,12 @@ def _missing_store_hint(path: Path) -> str:
     found = re.fullmatch(r"table(\d+)-([A-Za-z0-9_]+)", folder.name)
     if found:
         number, scale = int(found[1]), found[2]
-        command = f"sdiff ablate {number} --preset {scale}"
+        command = f"sdiff ablate {number} --scale {scale}"
         if folder != default_out(number, scale):
             command += f" --out {folder}"
         return f"run `{command}` first, or pass --store FOLDER naming a store written elsewhere"
     return (
-        "pass --store FOLDER naming the folder `sdiff ablate N --preset SCALE --out FOLDER` "
+        "pass --store FOLDER naming the folder `sdiff ablate N --scale SCALE --out FOLDER` "
         f"wrote (without --out it writes {DEFAULT_ROOT}/table<N>-<scale>, where `sdiff report "
         "N --scale SCALE` looks by default)"
     )
@@ -900,7 +900,7 @@ def build_table_report(table, scale: str, cells: pd.DataFrame) -> TableReport:
     if not len(mine):
         raise ValueError(
             f"no cells of {_what(table)} ({table.name}) at the {scale} scale in the given "
-            f"stores: run `sdiff ablate {_ablate_name(table)} --preset {scale}` first"
+            f"stores: run `sdiff ablate {_ablate_name(table)} --scale {scale}` first"
         )
     table, mine = _fold_axes(table, scale, mine)
     _check_variants(table, scale, mine)
@@ -1706,7 +1706,7 @@ def report_main(argv: list[str] | None = None) -> int:
 
 def _make_a_store(runs: str) -> str:
     """The command that makes a store ``sdiff report --all --runs RUNS`` finds."""
-    command = "sdiff ablate 2 --preset smoke"
+    command = "sdiff ablate 2 --scale smoke"
     if Path(runs) != Path(DEFAULT_ROOT):
         command += f" --out {Path(runs) / 'table2-smoke'}"
     return f"`{command}` makes one (minutes on a CPU)"

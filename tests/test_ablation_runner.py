@@ -213,11 +213,11 @@ def test_duplicate_cells_unknown_rows_and_presets_are_errors(capsys):
         expand(same, "smoke")
     with pytest.raises(ValueError, match=r"no row\(s\) \['nope'\]"):
         expand(COUNT, "smoke", rows=["nope"])
-    with pytest.raises(ValueError, match="has no preset 'paper'"):
+    with pytest.raises(ValueError, match="has no scale 'paper'"):
         expand(COUNT, "paper")
     for argv, message in [
         (["count", "--rows", "nope", "--dry-run"], "no row(s) ['nope']"),
-        (["count", "--preset", "paper", "--dry-run"], "has no preset 'paper'"),
+        (["count", "--scale", "paper", "--dry-run"], "has no scale 'paper'"),
         (["99", "--dry-run"], "unknown table '99'"),
         (["--dry-run"], "give a table"),
         (["count", "--set", "train.nope=1", "--dry-run"], "has no field 'nope'"),
@@ -378,7 +378,7 @@ def test_full_disk_on_finish_is_reported_and_loses_nothing(
     tmp_path, seed_log, monkeypatch, capsys, how
 ):
     out = tmp_path / "grid"
-    argv = ["seeds", "--preset", "big", "--out", str(out), "--no-progress"]
+    argv = ["seeds", "--scale", "big", "--out", str(out), "--no-progress"]
     assert ablate_main([*argv, "--rows", "s0", "s1"], tables=FAKE_TABLES) == 0
     before = {r["hash"]: r for r in ResultsStore(out / "results.sqlite").rows()}
     if how == "sqlite page limit":  # SQLite's own SQLITE_FULL: the file may not grow any more
@@ -668,7 +668,7 @@ def test_list_names_every_table_and_preset(capsys):
     assert ablate_main(["--list"], tables=FAKE_TABLES) == 0
     out = capsys.readouterr().out
     assert "table 101: count (also params) - parameter count" in out
-    assert "--preset smoke: 2 rows x 2 columns = 4 cells" in out
+    assert "--scale smoke: 2 rows x 2 columns = 4 cells" in out
     assert "table 103: tiny - a tiny trained cell" in out and "trained + evaluated" in out
     import sdiff.ablations as registry
 

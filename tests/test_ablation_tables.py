@@ -69,7 +69,7 @@ def test_rows_and_aliases():
         get_table("nine")
     with pytest.raises(ValueError, match=r"no row\(s\) \['warm'\]"):
         expand(get_table(2), "smoke", rows=["warm"])
-    with pytest.raises(ValueError, match="has no preset 'huge'"):
+    with pytest.raises(ValueError, match="has no scale 'huge'"):
         expand(get_table(2), "huge")
     assert [c.row for c in expand(get_table(2), "smoke", rows=["cosine"])] == ["cosine", "cosine"]
 

@@ -12,7 +12,7 @@ from sdiff.util.provenance import device_label
 
 def test_bench_prints_a_table_and_appends_rows(tmp_path, capsys):
     out = tmp_path / "t.csv"
-    args = ["bench", "--presets", "uvit-tiny-32", "unet-tiny-32", "--res", "32", "--batch", "4",
+    args = ["bench", "--model", "uvit-tiny-32", "unet-tiny-32", "--res", "32", "--batch", "4",
             "--steps", "2", "--warmup", "1", "--sample-steps", "8", "--csv", str(out)]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -62,11 +62,9 @@ def test_peaks_and_bad_rows(tmp_path, capsys):
     assert peak_for_name("NVIDIA A100-SXM4-80GB") == 312.0
     assert peak_for_name("NVIDIA GeForce GTX 1080") is None
     out = tmp_path / "t.csv"
-    assert main(["bench", "--presets", "uvit-l-256", "--res", "64", "--csv", str(out)]) == 0
+    assert main(["bench", "--model", "uvit-l-256", "--res", "64", "--csv", str(out)]) == 0
     assert "unavailable: ValueError" in next(iter(csv.DictReader(open(out))))["status"]
-    assert (
-        main(["bench", "--presets", "uvit-tiny-32", "--time-budget", "0", "--csv", str(out)]) == 0
-    )
+    assert main(["bench", "--model", "uvit-tiny-32", "--time-budget", "0", "--csv", str(out)]) == 0
     assert list(csv.DictReader(open(out)))[-1]["status"] == "skipped: time budget"
-    assert main(["bench", "--presets", "nope"]) == 2
+    assert main(["bench", "--model", "nope"]) == 2
     assert "unknown model preset 'nope'" in capsys.readouterr().err

@@ -177,3 +177,36 @@ def test_every_option_with_a_default_says_it_in_help(monkeypatch):
     assert not missing, missing
     text = _parsers()["sdiff eval"].format_help()
     assert "(default: 1000)" in text and "(default: fid kid prc)" in text
+
+
+@pytest.mark.parametrize(
+    "argv, dest, value, note",
+    [
+        (["train", "--preset", "digits"], "preset", "digits", "--preset is now --run-preset"),
+        (["train", "--run-preset", "digits"], "preset", "digits", None),
+        (["demo", "--preset", "digits-unet"], "preset", "digits-unet", "is now --run-preset"),
+        (["models", "--preset", "a", "--preset", "b"], "preset", ["a", "b"], "is now --model"),
+        (["models", "--model", "a", "b"], "preset", ["a", "b"], None),
+    ],
+)
+def test_renamed_options_keep_their_old_spelling_with_a_note(argv, dest, value, note, capsys):
+    """Run presets are --run-preset, model presets --model, scales --scale; the old spellings
+    parse to the same value and print one note naming the new one."""
+    from sdiff.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert getattr(args, dest) == value
+    err = capsys.readouterr().err
+    if note is None:
+        assert err == ""
+    else:
+        assert err.count(note) == argv.count(argv[1]) and "old spelling still works" in err
+
+
+def test_ablate_and_bench_take_scale_and_model(capsys):
+    from sdiff.ablations.runner import build_parser as ablate_parser
+
+    assert ablate_parser().parse_args(["2", "--scale", "gpu"]).preset == "gpu"
+    assert capsys.readouterr().err == ""
+    assert ablate_parser().parse_args(["2", "--preset", "gpu"]).preset == "gpu"
+    assert "--preset is now --scale" in capsys.readouterr().err

@@ -61,7 +61,7 @@ DEFECTS = [
 
 @pytest.mark.parametrize("override", DEFECTS)
 def test_dry_run_rejects_the_bad_number_in_one_line(override, capsys):
-    assert main(["train", "--preset", "digits", "--set", override, "--dry-run"]) == 2
+    assert main(["train", "--run-preset", "digits", "--set", override, "--dry-run"]) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     field = override.partition("=")[0]
@@ -70,7 +70,7 @@ def test_dry_run_rejects_the_bad_number_in_one_line(override, capsys):
 
 
 def test_dry_run_accepts_a_valid_override(capsys):
-    argv = ["train", "--preset", "digits", "--set", "train.lr=3e-4", "--dry-run"]
+    argv = ["train", "--run-preset", "digits", "--set", "train.lr=3e-4", "--dry-run"]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["train"]["lr"] == 3e-4 and captured.err == ""

@@ -22,14 +22,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from sdiff.eval import features as fx
 from sdiff.eval import inception as iw
-from sdiff.eval import metrics as ev
 from sdiff.eval.metrics import (
     ReferenceStats,
     evaluate,
     fid_from_stats,
     inception_features,
     metrics_from_features,
+    reference_stats,
     save_reference_stats,
 )
 from sdiff.eval.spec import EvalSpec
@@ -257,7 +258,7 @@ def test_converted_file_has_no_classifier_and_inception_score_is_nan():
 def test_tf32_is_off_inside_extraction_and_restored_after():
     conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
     before = conv.fp32_precision, matmul.fp32_precision
-    with ev._ieee_fp32(torch.device("cuda")):  # only sets flags; runs without a GPU
+    with fx._ieee_fp32(torch.device("cuda")):  # only sets flags; runs without a GPU
         assert conv.fp32_precision == matmul.fp32_precision == "ieee"
     assert (conv.fp32_precision, matmul.fp32_precision) == before
 
@@ -363,20 +364,38 @@ def test_evaluate_folder_npz_and_adm_reference_agree(tmp_path):
     assert direct["fid"] > 0 and direct["kid_subset_size"] == 6
     assert direct["isc_mean"] is None and "classifier" in direct["unavailable"]["isc"]
 
-    stats = save_reference_stats(tmp_path / "ref", tmp_path / "ref.npz", config, False)
+    save_reference_stats(tmp_path / "ref", tmp_path / "ref.npz", config, False)
     stats_only = evaluate(gen, tmp_path / "ref.npz", config)
     assert stats_only["fid"] == pytest.approx(direct["fid"], rel=1e-9)
     assert stats_only["kid_mean"] is None and "only mu/sigma" in stats_only["unavailable"]["kid"]
     assert stats_only["reference_feature_extractor"] == direct["feature_extractor"]
 
-    # ADM's reference batch layout: mu, sigma (of the full set) plus arr_0 (N, H, W, 3) images
+    # ADM's reference batch layout: arr_0 (N, H, W, 3) images plus mu, sigma made by another
+    # network (ADM's TF Inception; here mu = 0, sigma = I, far from this network's)
     adm = tmp_path / "adm.npz"
     rgb = ref_images.repeat(1, 3, 1, 1).permute(0, 2, 3, 1).numpy()
-    np.savez(adm, mu=stats.mu, sigma=stats.sigma, arr_0=rgb)
-    from_adm = evaluate(gen, adm, config)
+    np.savez(adm, mu=np.zeros(2048), sigma=np.eye(2048), arr_0=rgb)
+    from_adm = evaluate(gen, adm, config)  # recomputed from arr_0: the stored ones are ignored
+    assert from_adm["reference_stats"] == "recomputed from arr_0"
+    assert from_adm["reference_feature_extractor"] == direct["feature_extractor"]
     assert from_adm["fid"] == pytest.approx(direct["fid"], rel=1e-9)
     for key in ("kid_mean", "precision", "recall"):
         assert from_adm[key] == pytest.approx(direct[key], rel=1e-6, abs=1e-9), key
+    # asked for, the stored ones give FID against N(0, I): ||mu||^2 + tr(S) + D - 2 sum sqrt(eig
+    # S) of the generated features; KID and precision/recall still use arr_0's features
+    stored = EvalSpec(metrics=("fid", "kid"), weights="fid-helper", reference_stats="stored")
+    with pytest.warns(UserWarning, match=r"made by 'unknown'.*only approximate"):
+        stored_ref = reference_stats(adm, stored)
+    assert stored_ref.origin == "stored mu/sigma; features recomputed from arr_0"
+    assert not stored_ref.mu.any() and stored_ref.features.shape == (6, 2048)
+    gen_features = inception_features(gen, OFFLINE)
+    from_stored = metrics_from_features(gen_features, stored_ref, stored)
+    mu, sigma = np_stats(gen_features)
+    root = np.sqrt(np.clip(np.linalg.eigvalsh(sigma), 0, None)).sum()
+    expected = mu @ mu + np.trace(sigma) + 2048 - 2 * root
+    # (sigma has rank 5: the square roots of its ~2000 round-off eigenvalues add ~1e-5 here)
+    assert from_stored["fid"] == pytest.approx(expected, rel=1e-7)
+    assert from_stored["kid_mean"] == pytest.approx(direct["kid_mean"], rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.slow
@@ -458,6 +477,8 @@ def test_spec_rejects_unknown_metrics_and_values():
         EvalSpec(metrics=("fid", "fdi"))
     with pytest.raises(ValueError, match="unknown weights 'tf'"):
         EvalSpec(weights="tf")
+    with pytest.raises(ValueError, match="unknown reference_stats 'adm'"):
+        EvalSpec(reference_stats="adm")
     with pytest.raises(ValueError, match=r"eval\.eval_batch_size must be an integer >= 1"):
         EvalSpec(eval_batch_size=0)
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):

@@ -44,7 +44,7 @@ def test_paper_tables_expand_to_the_hashes_of_the_modules_they_replace():
 
 @pytest.mark.parametrize("number", range(1, 9))
 def test_ablate_dry_run_json_gives_the_same_smoke_hashes(number, capsys):
-    assert main(["ablate", str(number), "--preset", "smoke", "--dry-run", "--json"]) == 0
+    assert main(["ablate", str(number), "--scale", "smoke", "--dry-run", "--json"]) == 0
     cells = json.loads(capsys.readouterr().out)
     expected = json.loads(HASHES.read_text())[f"{number}/smoke"]
     assert {f"{c['row']}/{c['column']}": c["hash"] for c in cells} == expected

@@ -336,13 +336,13 @@ def test_bad_configs_give_clear_errors():
 
 
 def test_models_command(capsys):
-    assert main(["models", "--json", "--preset", "uvit-l-256", "unet-tiny-32"]) == 0
+    assert main(["models", "--json", "--model", "uvit-l-256", "unet-tiny-32"]) == 0
     rows = {r["preset"]: r for r in json.loads(capsys.readouterr().out)}
     assert set(rows) == {"uvit-l-256", "unet-tiny-32"}
     assert math.isclose(rows["uvit-l-256"]["GMACs"], model_stats(PRESETS["uvit-l-256"]).macs / 1e9,
                         rel_tol=1e-3)  # fmt: skip
     assert rows["unet-tiny-32"]["attention_at"] == "16"
-    assert main(["models", "--preset", "nope"]) == 2
+    assert main(["models", "--model", "nope"]) == 2
 
 
 def test_transformer_block_starts_as_identity():

@@ -521,7 +521,7 @@ def test_all_without_stores_exits_2_and_writes_nothing(tmp_path, capsys):
     assert main(["report", "--all", "--runs", str(runs), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert str(runs) in err and "`sdiff ablate 2 --preset smoke --out" in err
+    assert str(runs) in err and "`sdiff ablate 2 --scale smoke --out" in err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     new = tmp_path / "NEWDIR"  # a folder that does not exist: still a one-line error
     assert main(["report", "--all", "--runs", str(runs), "--out", str(new)]) == 2
@@ -550,7 +550,7 @@ def test_default_out_is_runs_report_and_the_hint_names_the_ablate_command(
     assert main(["report", "2"]) == 2  # no store where `sdiff ablate 2 --preset smoke` writes
     err = capsys.readouterr().err
     assert "no results store at runs/ablate/table2-smoke/results.sqlite" in err
-    assert "run `sdiff ablate 2 --preset smoke` first" in err
+    assert "run `sdiff ablate 2 --scale smoke` first" in err
     fill_store(tmp_path / "runs" / "ablate" / "table2-smoke", get_table(2),
                metrics=table2_metrics(0))  # fmt: skip
     assert main(["report", "2"]) == 0

@@ -70,6 +70,8 @@ def test_sample_errors(run_dir, tmp_path, capsys):
     assert main(["sample", "--run", str(tmp_path), "--grid", str(tmp_path / "g.png")]) == 2
     assert "no checkpoint found" in capsys.readouterr().err
     assert main(["sample", "--run", str(run_dir)]) == 2
-    assert "--grid PATH and/or --folder" in capsys.readouterr().err
+    assert "--grid PATH and/or --folder DIR and/or --npz" in capsys.readouterr().err
+    assert main(["sample", "--run", str(run_dir), "--npz", str(tmp_path / "s.npy")]) == 2
+    assert "--npz must name an .npz file" in capsys.readouterr().err
     assert main(["sample", "--run", str(run_dir), "--labels", "12", "--grid", "x.png"]) == 2
     assert "labels must lie in [0, 9]" in capsys.readouterr().err

@@ -28,9 +28,9 @@ python3 -c "import torch, triton; print('gpu', torch.cuda.get_device_name(0)); p
 TP="python3 -m sdiff.bench.throughput --csv $OUT/throughput.csv"
 
 # 1. the headline: U-ViT L at 256 (the paper's training shape), eager vs compiled, and SDPA
-timeout "$(cap 170)" $TP --presets uvit-l-256 --res 256 --batch 32 --compiled both --steps 8 \
+timeout "$(cap 170)" $TP --model uvit-l-256 --res 256 --batch 32 --compiled both --steps 8 \
     2>&1 | tee "$OUT/throughput_uvit_l_256.txt"
-timeout "$(cap 40)" $TP --presets uvit-l-256 --res 256 --batch 32 --backends sdpa --steps 8 \
+timeout "$(cap 40)" $TP --model uvit-l-256 --res 256 --batch 32 --backends sdpa --steps 8 \
     2>&1 | tee -a "$OUT/throughput_uvit_l_256.txt"
 
 # 2. the 512 memory profile of U-ViT L: estimate and measurement, with and without checkpointing
@@ -43,15 +43,15 @@ timeout "$(cap 40)" python3 -m sdiff.bench.gpu.memory_cap --model uvit-l-512 --b
 
 # 3. tiny presets, 64 to 512, eager vs compiled (each preset half of this step's time)
 for P in uvit-tiny-32 unet-tiny-32; do
-  timeout "$(cap 90)" $TP --presets $P --res 64 128 256 512 --batch 32 --compiled both \
+  timeout "$(cap 90)" $TP --model $P --res 64 128 256 512 --batch 32 --compiled both \
       --steps 10 --time-budget "$(( $(cap 90) - 30 ))" 2>&1 | tee -a "$OUT/throughput_tiny.txt"
 done
 
 # 4. the paper presets (eager): at 512, batch 8; the U-Nets at their own resolutions
-timeout "$(cap 45)" $TP --presets uvit-l-512 unet-512 --res 512 --batch 8 --steps 5 \
+timeout "$(cap 45)" $TP --model uvit-l-512 unet-512 --res 512 --batch 8 --steps 5 \
     2>&1 | tee "$OUT/throughput_paper.txt"
-timeout "$(cap 30)" $TP --presets unet-128 --res 128 --batch 32 --steps 5 \
+timeout "$(cap 30)" $TP --model unet-128 --res 128 --batch 32 --steps 5 \
     2>&1 | tee -a "$OUT/throughput_paper.txt"
-timeout "$(cap 30)" $TP --presets unet-256 --res 256 --batch 16 --steps 5 \
+timeout "$(cap 30)" $TP --model unet-256 --res 256 --batch 16 --steps 5 \
     2>&1 | tee -a "$OUT/throughput_paper.txt"
 echo "suite done in $(( $(date +%s) - START )) s"

@@ -1,14 +1,16 @@
 """Command line: ``sdiff <command>`` (or ``python -m sdiff <command>``).
 
 Commands:
-  train           train a model (``--preset``, ``--config``, ``--set key=value``), resuming an
+  train           train a model (``--run-preset``, ``--config``, ``--set key=value``), resuming an
                   existing run folder; under torchrun it trains on every process
   sample          draw images from a trained run (EMA weights by default)
-  ablate          run a paper table's grid (``sdiff ablate 2 --preset smoke --out DIR``)
+  export          a run's checkpoint as a portable model folder (model.safetensors and
+                  config.json) that ``sdiff.load_pretrained`` reads without training code
+  ablate          run a paper table's grid (``sdiff ablate 2 --scale smoke --out DIR``)
   report          the paper's tables from the results stores, plots, index (``sdiff report 2``)
   results         the cells of results stores as CSV, JSON or Parquet, or MLflow runs
   bench           training/sampling throughput table (``sdiff bench memory``: 512 px profile)
-  presets         every run preset (what `sdiff train --preset` takes): model, data, budget
+  presets         every run preset (what `sdiff train --run-preset` takes): model, data, budget
   models          every model preset with its parameters and multiply-accumulates per forward
   schedule        print (or write as CSV) a logSNR schedule with alpha and sigma on a t grid
   sampler-check   run the samplers with the exact denoiser of a Gaussian mixture and compare
@@ -16,6 +18,8 @@ Commands:
   eval            FID / KID / precision-recall of a run (generating its samples) or a folder
   demo            the main job: ``--table 2`` runs Table 2's smoke grid and writes its report
                   (``make demo``); without it, one digits model: train, sample a grid, evaluate
+  data            ``prepare`` an image folder once into memory-mapped uint8 shards (a folder
+                  data.root takes), ``verify`` their checksums, ``bench`` reading them
 
 Failures a user can cause or meet (a bad value, a missing or unwritable file, a full disk, a
 device this machine lacks, a run folder another process owns) are one line on stderr and an
@@ -36,7 +40,7 @@ import sys
 import warnings
 
 from sdiff import __version__
-from sdiff.util.cli_args import ExtendList, KeyValueList, show_defaults
+from sdiff.util.cli_args import ExtendList, KeyValueList, renamed, show_defaults
 from sdiff.util.errors import report_failure
 
 # The registries' names, kept here so that parsing needs no torch; tests/test_cli.py pins them
@@ -89,7 +93,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, n: int) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu "
+                   "(under torchrun: cuda:LOCAL_RANK)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
@@ -109,14 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_train_parser, _sample_parser, _eval_parser, _ablate_parser, _report_parser,
                 _results_parser, _bench_parser, _presets_parser, _models_parser, _schedule_parser,
-                _sampler_check_parser, _demo_parser):  # fmt: skip
+                _sampler_check_parser, _demo_parser, _data_parser, _export_parser):  # fmt: skip
         add(sub)
     return show_defaults(parser)
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model (resumes an existing run folder)")
-    p.add_argument("--preset", help="a run preset (training.config.RUN_PRESETS); default digits")
+    p.add_argument("--run-preset", "--preset", dest="preset", action=renamed("--preset"),
+                   help="a run preset (`sdiff presets` lists them); default digits")  # fmt: skip
     p.add_argument("--config", help="a config.json to start from instead of a preset")
     p.add_argument("--set", nargs="+", action=KeyValueList, metavar="KEY=VALUE",
                    help="overrides, e.g. train.lr=1e-4 (repeatable)")  # fmt: skip
@@ -133,7 +140,30 @@ def _sample_parser(sub) -> None:
     _add_sampling_args(p, 64)
     p.add_argument("--grid", help="write a PNG grid here")
     p.add_argument("--folder", help="write one PNG per image into this folder")
+    p.add_argument("--npz", help="write the images as an ADM sample batch (.npz: arr_0 "
+                   "uint8 (N, H, W, C), arr_1 labels)")  # fmt: skip
     p.set_defaults(func="sample")
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="a run's checkpoint as model.safetensors + config.json (sdiff.load_pretrained)",
+        description="Write the EMA (or raw) weights of a run's newest good checkpoint, with "
+        "the model config, diffusion settings and provenance, as a folder that "
+        "sdiff.load_pretrained reads (sdiff.training.export).",
+    )
+    p.add_argument("run", metavar="RUN", help="a run folder (its newest good checkpoint, "
+                   "checked against its config.json) or a checkpoint file (as it is)")  # fmt: skip
+    p.add_argument("out", metavar="OUT", help="the export folder (new, empty or an export)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", metavar="FILE", help="this checkpoint file of RUN "
+                        "(checked against its config, read without the run's lock)")  # fmt: skip
+    source.add_argument("--step", type=int, help="RUN's checkpoint of this step")
+    p.add_argument("--raw", action="store_true", help="the raw weights, not the EMA")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="convert the floating tensors (default: as trained)")  # fmt: skip
+    p.set_defaults(func="export")
 
 
 def _eval_parser(sub) -> None:
@@ -142,6 +172,10 @@ def _eval_parser(sub) -> None:
     p.add_argument("--samples", help="a folder of generated images to evaluate instead")
     p.add_argument("--reference", help="'train' (the run's data; default), a folder, or an .npz")
     p.add_argument("--reference-n", type=int, help="with 'train': an evenly spaced subset")
+    p.add_argument("--reference-stats", default="recompute", choices=["recompute", "stored"],
+                   help="an .npz holding images (arr_0) and mu/sigma, as ADM's reference "
+                   "batches: recompute the statistics from the images with this Inception, "
+                   "or use the stored ones (made by another network)")  # fmt: skip
     p.add_argument("--metrics", nargs="+", action=ExtendList, default=["fid", "kid", "prc"],
                    choices=["fid", "kid", "prc", "isc"])  # fmt: skip
     p.add_argument(
@@ -152,6 +186,7 @@ def _eval_parser(sub) -> None:
     )
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--save-samples", help="also write the generated images to this folder")
+    p.add_argument("--save-npz", help="also write them as an ADM sample batch (.npz)")
     p.add_argument("--save-reference", help="write reference statistics (.npz) and stop")
     _add_sampling_args(p, 1000)
     p.set_defaults(func="eval")
@@ -199,14 +234,15 @@ def _bench_parser(sub) -> None:
 
 
 def _presets_parser(sub) -> None:
-    p = sub.add_parser("presets", help="run presets (sdiff train --preset NAME)")
+    p = sub.add_parser("presets", help="run presets (sdiff train --run-preset NAME)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func="presets")
 
 
 def _models_parser(sub) -> None:
     p = sub.add_parser("models", help="model presets with parameter and MAC counts")
-    p.add_argument("--preset", nargs="+", action=ExtendList, help="only these presets")
+    p.add_argument("--model", "--preset", dest="preset", nargs="+", help="only these presets",
+                   action=renamed("--preset", action=ExtendList))  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func="models")
 
@@ -229,7 +265,8 @@ def _sampler_check_parser(sub) -> None:
 def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the main job (CPU): --table 2, or one digits model")
     p.add_argument("--table", help="run this table's smoke grid and write its report (make demo)")
-    p.add_argument("--preset", default="digits")
+    p.add_argument("--run-preset", "--preset", dest="preset", default="digits",
+                   action=renamed("--preset"), help="a run preset (`sdiff presets`)")  # fmt: skip
     p.add_argument("--config", help="a config.json instead of the preset")
     p.add_argument("--set", nargs="+", action=KeyValueList, metavar="KEY=VALUE",
                    help="overrides (repeatable)")  # fmt: skip
@@ -244,6 +281,51 @@ def _demo_parser(sub) -> None:
     p.set_defaults(func="demo")
 
 
+def _data_parser(sub) -> None:
+    p = sub.add_parser("data", help="prepare an image folder as uint8 shards; verify; bench")
+    data = p.add_subparsers(dest="data_command", required=True, metavar="{prepare,verify,bench}")
+    q = data.add_parser(
+        "prepare",
+        help="decode and center-crop an image folder once into memory-mapped uint8 shards",
+        description="Decode and ADM-center-crop every image of SRC once into OUT (uint8 .npy "
+        "shards, labels and a manifest; see sdiff.data.prepared), which data.root then takes "
+        "in place of the folder. Written into OUT.tmp and renamed when complete; the same "
+        "command resumes an interrupted prepare.",
+    )
+    q.add_argument("src", metavar="SRC", help="an image folder (class sub-folders or loose "
+                   "images), or bundled:digits, bundled:photos[:COUNT] (demos)")  # fmt: skip
+    q.add_argument("out", metavar="OUT", help="the prepared dataset's folder (must not exist)")
+    q.add_argument("--res", type=int, default=256, help="image side in pixels")
+    q.add_argument("--channels", type=int, choices=[1, 3], default=3, help="3 RGB, 1 gray")
+    q.add_argument("--shard-size", type=int, help="images per shard (default: 1 GiB of pixels)")
+    q.add_argument("--workers", type=int, help="decoding processes (default: every CPU core)")
+    q.add_argument("--limit", type=int, metavar="N",
+                   help="an evenly spaced subset of at most N images")  # fmt: skip
+    q.add_argument("--skip-bad", action="store_true",
+                   help="leave unreadable images out (listed in the manifest) instead of "
+                   "stopping at the first")  # fmt: skip
+    q.add_argument("--no-progress", action="store_true")
+    v = data.add_parser("verify", help="check a prepared dataset's files against its checksums")
+    v.add_argument("path", metavar="PATH")
+    b = data.add_parser(
+        "bench",
+        help="img/s reading a prepared dataset vs decoding its image folder",
+        description="Images/s through the trainer's DataLoader and batch order, the prepared "
+        "dataset PATH against decoding the image folder it was prepared from, per worker "
+        "count; writes data.md and appends data.csv under --out (sdiff.bench.data).",
+    )
+    b.add_argument("path", metavar="PATH", help="a prepared dataset")
+    b.add_argument("--folder", help="the image folder (default: the manifest's source)")
+    b.add_argument("--out", default="runs/bench/data")
+    b.add_argument("--workers", type=int, nargs="+", action=ExtendList, default=[0, 2])
+    b.add_argument("--batch", type=int, default=64)
+    b.add_argument("--batches", type=int, default=20, help="timed batches per row")
+    b.add_argument("--warmup", type=int, default=2, help="batches before the timing starts")
+    b.add_argument("--seed", type=int, default=0, help="of the (seed, step) batch order")
+    b.add_argument("--device", default=None, help="pin_memory on cuda (default: cuda if any)")
+    p.set_defaults(func="data")
+
+
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings as one line (``sdiff: warning: ...``), not a source location and code."""
     print(f"sdiff: warning: {message}", file=file or sys.stderr)
@@ -253,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; expected failures become one line and an exit code (module docstring).
     ``--debug`` (anywhere before a ``--``) lets the exception through, traceback and all."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m sdiff -- eval --run X`: the -- shields our options
+        argv = argv[1:]
     head = argv[: argv.index("--")] if "--" in argv else argv
     debug = "--debug" in head
     if debug:

