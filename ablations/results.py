@@ -74,6 +74,7 @@ from sdiff.ablations.store import (
     cell_dir,
     read_only_rows,
 )
+from sdiff.training.trackers import mlflow_file_store_allowed
 from sdiff.util.files import atomic_write_text, atomic_write_with
 
 __all__ = [
@@ -387,26 +388,6 @@ def run_name(record: dict[str, Any]) -> str:
     return " / ".join(str(p) for p in parts)
 
 
-def _is_file_uri(uri: str) -> bool:
-    """``file:...`` or a plain path (what MLflow takes for its file store)."""
-    return uri.startswith("file:") or ("://" not in uri and ":" not in uri.split("/")[0])
-
-
-@contextlib.contextmanager
-def _file_store_allowed(uri: str) -> Iterator[None]:
-    """MLflow 3.7+ refuses its file store unless MLFLOW_ALLOW_FILE_STORE is set: set it while
-    exporting to a file URI (unless the user set it), then put the environment back."""
-    key = "MLFLOW_ALLOW_FILE_STORE"
-    if not _is_file_uri(uri) or key in os.environ:
-        yield
-        return
-    os.environ[key] = "true"
-    try:
-        yield
-    finally:
-        os.environ.pop(key, None)
-
-
 def _chunks(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -443,7 +424,7 @@ def export_mlflow(
 
     records = read_results(*stores, status="done")  # a bad store fails before MLflow is touched
     added = skipped = 0
-    with _file_store_allowed(tracking_uri):
+    with mlflow_file_store_allowed(tracking_uri):
         client = MlflowClient(tracking_uri=tracking_uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is None:

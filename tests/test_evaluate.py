@@ -14,6 +14,7 @@ run repeats the noise test with 96 digits and four levels.
 
 import functools
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -491,6 +492,19 @@ def test_spec_rejects_unknown_metrics_and_values():
     assert EvalSpec(labels=[2, 7], guidance_interval=[-1.0, 1.0]).labels == (2, 7)
 
 
+def test_an_adm_sample_batch_is_a_reference_of_images(tmp_path):
+    """An .npz of images alone (ADM's sample-batch format, arr_0 NHWC) is read as the images
+    it holds: the same metrics as those images given as a tensor."""
+    gen, ref = mnist_digits(6), mnist_digits(12)[1::2]
+    np.savez(tmp_path / "batch.npz", arr_0=ref.permute(0, 2, 3, 1).numpy())
+    spec = replace(OFFLINE, metrics=("fid", "kid"), kid_subset_size=3)
+    from_npz = evaluate(gen, tmp_path / "batch.npz", spec)
+    from_tensor = evaluate(gen, ref, spec)
+    assert from_npz["fid"] == pytest.approx(from_tensor["fid"], rel=1e-9)
+    assert from_npz["kid_mean"] == pytest.approx(from_tensor["kid_mean"], rel=1e-9)
+    assert from_npz["num_reference"] == 6
+
+
 def test_bad_inputs_raise_clear_errors(tmp_path):
     gen = mnist_digits(4)
     with pytest.raises(ValueError, match="does not exist"):
@@ -501,9 +515,13 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     with pytest.raises(ValueError, match="holds no images"):
         evaluate(gen, tmp_path / "empty", OFFLINE)
-    np.savez(tmp_path / "no_stats.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
-    with pytest.raises(ValueError, match=r"has no \['mu', 'sigma'\]"):
-        evaluate(gen, tmp_path / "no_stats.npz", OFFLINE)
+    np.savez(tmp_path / "nothing.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match=r"neither statistics \(mu, sigma\) nor images"):
+        evaluate(gen, tmp_path / "nothing.npz", OFFLINE)
+    np.savez(tmp_path / "images.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    stored = replace(OFFLINE, reference_stats="stored")
+    with pytest.raises(ValueError, match="holds no mu/sigma, only images"):
+        evaluate(gen, tmp_path / "images.npz", stored)
     np.savez(tmp_path / "d768.npz", mu=np.zeros(768), sigma=np.eye(768))
     with pytest.raises(ValueError, match=r"feature dimensions differ.*768.*2048"):
         evaluate(gen, tmp_path / "d768.npz", OFFLINE)

@@ -302,6 +302,17 @@ def test_ema_snapshot_layout(run_dir, newest, tmp_path):
     assert p.provenance["config_hash"] == newest["config_hash"]
 
 
+def test_exported_files_are_as_readable_as_any_new_file(run_dir, tmp_path):
+    import os
+    import stat
+
+    out = export_run(run_dir, tmp_path / "export")
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE((Path(out) / name).stat().st_mode) == 0o666 & ~mask
+
+
 def test_the_trainer_writes_ema_snapshots_that_change_nothing(run_dir, tmp_path):
     """train.ema_snapshot_every_images=16: a snapshot after 16 and 32 images, each the EMA of
     the checkpoint of that step; the run's hash and final state are those of the run without

@@ -82,6 +82,7 @@ __all__ = [
     "InceptionWeights",
     "ReferenceStats",
     "check_counts",
+    "check_reference",
     "convert_fid_helper_weights",
     "evaluate",
     "fid_from_stats",
@@ -383,6 +384,49 @@ def _is_npz(x: Any) -> bool:
     return isinstance(x, (str, os.PathLike)) and Path(x).suffix == ".npz"
 
 
+def _npz_keys(path: Path) -> list[str]:
+    try:
+        with np.load(path) as f:  # lazy: lists the arrays, reads none
+            return list(f.files)
+    except Exception as err:
+        raise ValueError(f"reference {str(path)!r} is not a readable .npz: {err}") from err
+
+
+def _images_only(path: Any) -> bool:
+    """An .npz with images (``arr_0``) and no statistics."""
+    if not Path(path).is_file():
+        return False
+    keys = _npz_keys(Path(path))
+    return "arr_0" in keys and not {"mu", "sigma"} <= set(keys)
+
+
+def check_reference(reference: Any, spec: EvalSpec) -> None:
+    """What can be known about a reference without reading its images, checked before any
+    sampling: it exists; an .npz holds statistics (``mu``/``sigma``) or images (``arr_0``,
+    e.g. an ADM sample batch), and statistics when ``spec.reference_stats`` is "stored"; a
+    folder holds images."""
+    if not isinstance(reference, (str, os.PathLike)) or reference == "train":
+        return
+    path = Path(reference)
+    if not path.exists():
+        raise ValueError(f"reference {str(path)!r} does not exist")
+    if _is_npz(path):
+        keys = _npz_keys(path)
+        stats = {"mu", "sigma"} <= set(keys)
+        if not stats and "arr_0" not in keys:
+            raise ValueError(
+                f"reference {str(path)!r} holds neither statistics (mu, sigma) nor images "
+                f"(arr_0); keys: {keys}"
+            )
+        if spec.reference_stats == "stored" and not stats:
+            raise ValueError(
+                f"--reference-stats stored: reference {str(path)!r} holds no mu/sigma, only "
+                f"images (arr_0); leave --reference-stats at recompute"
+            )
+    elif path.is_dir():
+        image_dataset(path, "reference")  # lists the files: an empty folder is named now
+
+
 def _reference_features(dataset, spec: EvalSpec, weights, progress: bool) -> np.ndarray:
     return extract(dataset, spec, weights, ("2048",), progress=progress,
                    desc="reference features")["2048"]  # fmt: skip
@@ -427,9 +471,15 @@ def reference_stats(
     tensor, Dataset, folder). Stored statistics made by another network than ``spec``'s
     weights are warned about."""
     spec = spec or EvalSpec()
+    check_reference(reference, spec)
     weights = resolve_weights(spec.weights)
     if isinstance(reference, ReferenceStats):
         ref = reference
+    elif _is_npz(reference) and _images_only(reference):  # an ADM sample batch: images
+        ref_images = image_dataset(reference, "reference")
+        check_counts(spec, None, len(ref_images))
+        feats = _reference_features(ref_images, spec, weights, progress)
+        ref = ReferenceStats.from_features(feats, weights.description, f"{reference} (arr_0)")
     elif _is_npz(reference):
         if not Path(reference).is_file():
             raise ValueError(f"reference statistics file {str(reference)!r} does not exist")

@@ -54,7 +54,13 @@ from sdiff.eval.distributed import (
 )
 from sdiff.eval.features import extract, image_dataset, inception_outputs
 from sdiff.eval.inception import InceptionWeights, cache_dir, resolve_weights
-from sdiff.eval.metrics import ReferenceStats, check_counts, reference_stats, result_from_features
+from sdiff.eval.metrics import (
+    ReferenceStats,
+    check_counts,
+    check_reference,
+    reference_stats,
+    result_from_features,
+)
 from sdiff.eval.sample import (
     BUSY_HINT,
     NOISE,
@@ -154,8 +160,7 @@ def _evaluate(
         checkpoint, state = Path(run), load_checkpoint(run)
     model, config, step = model_from_state(state, ema=ema, device=spec.device)
     check_counts(spec, spec.n)  # what cannot be measured fails before the sampling
-    if spec.reference != "train" and not Path(spec.reference).exists():
-        raise ValueError(f"reference {spec.reference!r} does not exist")
+    check_reference(spec.reference, spec)
     weights = _shared_weights(spec, world)
     outputs: dict[int, dict[str, np.ndarray]] = {}  # chunk index -> Inception outputs
     feature_s = 0.0

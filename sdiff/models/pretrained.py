@@ -304,6 +304,10 @@ def _write_folder(folder: Path, write: Callable[[Path], None]) -> None:
     tmp.mkdir()
     try:
         write(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        for file in tmp.iterdir():  # safetensors writes 0600: an export is as readable as a file
+            os.chmod(file, 0o666 & ~mask)
         _fsync(tmp)
         if folder.exists():
             os.replace(folder, old)

@@ -307,6 +307,9 @@ class Trainer:
             params = sum(p.numel() for p in self.ema.parameters())  # full shapes of the EMA
         total = self.total_steps()
         where = "from scratch" if self.step == 0 else f"resuming at step {self.step:,}"
+        accumulate = ""
+        if t.batch_per_gpu and t.batch_per_gpu < self.batch_local:
+            accumulate = f" in micro-batches of {t.batch_per_gpu}"
         logs = [str(self.run_dir / "metrics.csv"), describe_tracker(c, self.run_dir)]
         logs = [where for where in logs if where]
         return "\n".join([
@@ -316,7 +319,7 @@ class Trainer:
             f"  data {c.data.name} ({len(self.dataset):,} images"
             + (f", {self.num_classes} classes" if self.num_classes else "") + ")",
             f"  {t.total_images:,} images = {total:,} steps of batch {t.batch_size} "
-            f"({self.batch_local} per process), {where}",
+            f"({self.batch_local} per process{accumulate}), {where}",
             f"  run folder {self.run_dir.resolve()}; logs {', '.join(logs)}",
         ])  # fmt: skip
 
