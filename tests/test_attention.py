@@ -32,7 +32,9 @@ TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (3e-2, 3e-2), torch.float16:
 SHAPES = [(2, 3, 17, 17, 32), (1, 2, 64, 64, 64), (2, 4, 10, 77, 16), (1, 1, 257, 31, 8)]
 
 
-@pytest.mark.parametrize("backend", ["auto", "sdpa", "math"])
+@pytest.mark.parametrize(
+    "backend", ["auto", "sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "math"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_matches_float64_reference(backend, dtype, shape):
@@ -43,7 +45,7 @@ def test_forward_matches_float64_reference(backend, dtype, shape):
     torch.testing.assert_close(out.double(), reference(q, k, v), atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "math"])
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa-cudnn", "math"])
 def test_cross_attention_with_padding(backend):
     b, h, lq, lk, d = 3, 2, 9, 13, 16
     q, k, v = inputs(b, h, lq, lk, d, torch.float32)
@@ -113,7 +115,7 @@ def test_bad_input():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["sdpa", "xformers"])
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa-cudnn", "sdpa-flash", "xformers"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_backends_match_reference(backend, dtype):
     if backend == "xformers" and not ab._xformers_available():

@@ -141,7 +141,7 @@ def test_registered_op_passes_opcheck():
 def test_backend_selection():
     q, k, v, _ = make(1, 1, 8, 8, 32, torch.float32)
     assert ab.select_backend(q, k, v, backend="triton") == "triton"
-    assert ab.select_backend(q, k, v) == ("triton" if DEVICE == "cuda" else "sdpa")
+    assert ab.select_backend(q, k, v) == "sdpa"  # float32 at N 8: not in the measured table
     odd = torch.zeros(1, 1, 8, 24, device=DEVICE)  # head dim 24 is not supported
     with pytest.raises(ValueError, match="head dim 24"):
         ab.select_backend(odd, odd, odd, backend="triton")

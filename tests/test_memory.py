@@ -269,6 +269,7 @@ def test_bad_input_is_a_value_error():
 
 
 def test_cli_prints_both_ways_and_the_largest_batch(capsys):
+    # a budget asks for the largest-batch search (as --max-batch does, at 80 GiB)
     assert memory_main(["--model", "uvit-tiny-32", "--batch", "2", "--budget-gib", "0.01",
                         "--json"]) == 0  # fmt: skip
     rows = json.loads(capsys.readouterr().out)
@@ -285,7 +286,11 @@ def test_cli_prints_both_ways_and_the_largest_batch(capsys):
                         "--checkpoint"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "unet-tiny-32 at 32px, batch 2" in out and "with activation checkpointing" in out
-    assert "without activation" not in out and "largest batch within 80 GiB" in out
+    assert "without activation" not in out
+    assert "largest batch" not in out  # the search is opt-in: --max-batch
+    assert memory_main(["--model", "unet-tiny-32", "--batch", "2", "--checkpoint",
+                        "--max-batch"]) == 0  # fmt: skip
+    assert "largest batch within 80 GiB" in capsys.readouterr().out
 
 
 # -- the independent check: peak RSS of a real training step -------------------------------------

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One prepared GPU run for the attention kernel: tune the launch configs, run the kernel tests
 # on CUDA with the tuned configs, then the benchmark with them.
-#   bench/gpu/attention.sh OUTDIR          (about 4 minutes on one H100/H200)
-# Budgets in seconds (environment): ATTN_TUNE_S (100), ATTN_TEST_S (90), ATTN_BENCH_S (100).
+#   bench/gpu/attention.sh OUTDIR          (about 5 minutes on one H100/H200)
+# Budgets in seconds (environment): ATTN_TUNE_S (100), ATTN_TEST_S (90), ATTN_BENCH_S (100),
+# ATTN_MASKED_S (60).
 # Needs only torch, triton and pytest (the GPU image's; pytest-xdist is used when present);
 # no install: it runs from the repository root.
 # Writes: versions.txt, nvidia-smi.txt, tune.csv, tuned.json, tune.txt, kernel_tests.txt,
-# attention.csv, attention.md, bench.txt. Copy tuned.json's winners into
+# attention.csv, attention.md, attention_masked.csv, attention_dispatch.json (the measured
+# dispatch table for `auto`), bench.txt. Copy tuned.json's winners into
 # kernels/attention.py's LAUNCH_CONFIGS to make them the default.
 set -uo pipefail
 source "$(dirname "$0")/prelude.sh" "$@"
@@ -36,5 +38,12 @@ XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4" || echo "")
 
 # 3. the benchmark: bf16, head dims 64 and 128, 256 to 16k tokens, fwd and fwd+bwd
 (timeout "${ATTN_BENCH_S:-100}" python3 -m sdiff.bench.bench_attention --csv "$OUT/attention.csv" \
-    --markdown "$OUT/attention.md" 2>&1 | tee "$OUT/bench.txt"
+    --markdown "$OUT/attention.md" --write-table "$OUT/attention_dispatch.json" 2>&1 \
+    | tee "$OUT/bench.txt"
   echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.txt")
+# the same with padded keys (fwd+bwd), so masked calls get measured entries too; copy
+# attention_dispatch.json into sdiff/models/ to make the measurements the dispatch table
+(timeout "${ATTN_MASKED_S:-60}" python3 -m sdiff.bench.bench_attention --masked --modes fwd+bwd \
+    --csv "$OUT/attention_masked.csv" --write-table "$OUT/attention_dispatch.json" 2>&1 \
+    | tee -a "$OUT/bench.txt"
+  echo "masked bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.txt")

@@ -227,7 +227,9 @@ def _results_parser(sub) -> None:
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser(
-        "bench", add_help=False, help="throughput table; `sdiff bench memory --help` for memory"
+        "bench",
+        add_help=False,
+        help="throughput table; `sdiff bench memory|attention --help` for the others",
     )
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func="bench")

@@ -522,6 +522,10 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     rest = list(args.rest)
+    if rest and rest[0] == "attention":
+        from sdiff.bench.bench_attention import main as attention_main
+
+        return attention_main(rest[1:])
     if rest and rest[0] == "memory":
         from sdiff.bench.memory import memory_main
 

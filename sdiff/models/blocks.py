@@ -130,7 +130,11 @@ class SelfAttention2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, head_dim)
+        # one copy into the layout the kernels read: (3, B, heads, HW, head_dim), head_dim
+        # innermost. SDPA's fused CPU and CUDA kernels want unit stride there; handed the
+        # transposed view instead, PyTorch falls back to its math path (B x heads x HW x HW
+        # probabilities) or copies q, k and v one by one
+        q, k, v = qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)  # each (B, heads, HW, hd)
         out = attention(q, k, v, backend=self.backend)  # (B, heads, HW, head_dim)
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
