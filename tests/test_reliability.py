@@ -372,6 +372,27 @@ run_grid(TINY, "smoke", sys.argv[1], overrides=sys.argv[2:], progress=False, hea
 """
 
 
+def stop_outside_a_transaction(process: subprocess.Popen, store: Path) -> None:
+    """SIGSTOP ``process`` while this test holds the store's write lock, so the stopped
+    process cannot be inside a write transaction (it is at most waiting for the lock, holding
+    none). A process stopped mid-transaction would keep the lock and block every other one:
+    sqlite's limit, not the runner's, and not what this test is about."""
+    conn = sqlite3.connect(store, timeout=60, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        process.send_signal(signal.SIGSTOP)
+        deadline = time.time() + 10
+        while not all(  # every thread stopped (state T) before the lock is let go
+            (t / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+            for t in Path(f"/proc/{process.pid}/task").iterdir()
+        ):
+            assert time.time() < deadline
+            time.sleep(0.001)
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
 def test_a_stopped_runner_and_its_successor_never_share_the_cell_folder(tmp_path):
     """SIGSTOP a runner in the middle of a cell; a second runner waits out the grace period,
     takes the claim, then waits until the stopped one, continued, gives the folder up; the
@@ -390,7 +411,7 @@ def test_a_stopped_runner_and_its_successor_never_share_the_cell_folder(tmp_path
     deadline = time.time() + 120
     while len(list_checkpoints(run_dir / "checkpoints")) < 3 and time.time() < deadline:
         time.sleep(0.01)
-    first.send_signal(signal.SIGSTOP)
+    stop_outside_a_transaction(first, out / "results.sqlite")
     stopped = time.time()
     newest = list_checkpoints(run_dir / "checkpoints")[-1]
     second = subprocess.Popen(command, env=subprocess_env())
