@@ -1,4 +1,4 @@
-"""Attention throughput: sdiff's Triton kernel vs SDPA with each backend forced vs
+"""Attention throughput: sdiff's Triton kernels vs SDPA with each backend forced vs
 flex_attention vs xformers, and the dispatch table that ``backend="auto"`` reads.
 
     python -m sdiff.bench.bench_attention                # CUDA, bf16, head dims 64 and 128
@@ -11,6 +11,10 @@ FLOPs (non-causal): forward 4 B H N^2 D (two matmuls of 2 B H N^2 D each); backw
 forward (five N^2 matmuls); forward+backward 3.5x. TFLOP/s = FLOPs / median time. The batch is
 chosen so that B x N = ``--tokens`` (16k by default) and H = width / D with width 2048, the
 U-ViT L transformer's: at N = 256 (its 16x16 tokens) that is B = 64.
+
+``triton`` is the flash kernel (``sdiff.kernels.attention``), ``triton-short`` the short-sequence
+one (``sdiff.kernels.attention_short``), timed only at lengths it takes (``max_keys``: 512 keys,
+256 at head dim 128 in bf16).
 
 Each backend runs in the same process on the same inputs, one shape after another, so ratios
 are side by side; timing is ``triton.testing.do_bench`` (CUDA events, warm-up, median) on a GPU
@@ -58,7 +62,7 @@ SDPA = {
     "sdpa-efficient": "EFFICIENT_ATTENTION",
     "sdpa-math": "MATH",
 }
-BACKENDS = ["triton", *SDPA, "flex", "xformers"]
+BACKENDS = ["triton", "triton-short", *SDPA, "flex", "xformers"]
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -83,6 +87,10 @@ def attention_fn(backend: str, mask: torch.Tensor | None = None):
         from sdiff.kernels.attention import flash_attention
 
         return lambda q, k, v: flash_attention(q, k, v, mask)
+    if backend == "triton-short":
+        from sdiff.kernels.attention_short import short_attention
+
+        return lambda q, k, v: short_attention(q, k, v, mask)
     if backend == "xformers":
         return lambda q, k, v: dispatch._attention_xformers(q, k, v, mask)
     if backend == "flex":
@@ -286,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                 for backend in backends:
                     if backend == "sdpa-math" and n > args.max_math_len:
                         continue
+                    if backend == "triton-short" and n > _short_max_keys(d, dtype):
+                        continue
                     row = bench_one(backend, mode, b, h, n, d, dtype, args.device, args.masked)
                     rows.append({**row, **meta})
                     shown = f"{row['tflops']:8.1f} TFLOP/s" if row["tflops"] else row["status"]
@@ -312,6 +322,13 @@ def _triton_version() -> str:
         return triton.__version__
     except ImportError:
         return "not installed"
+
+
+def _short_max_keys(head_dim: int, dtype: torch.dtype) -> int:
+    """The most keys ``triton-short`` takes at this head dim and dtype."""
+    from sdiff.kernels.attention_short import max_keys
+
+    return max_keys(head_dim, dtype)
 
 
 def _has_xformers() -> bool:

@@ -57,8 +57,8 @@ backward, clip, Adam, EMA):
    backward is run on the meta graph with a ``TorchDispatchMode`` that tracks live storages
    (a weakref finalizer on each), recomputing checkpointed regions as PyTorch does:
        backward_step = weights + optimizer + ema + backward   (its peak live bytes);
-3. the Adam step: foreach Adam (the default on CUDA) allocates one temporary the size of all
-   parameters (sqrt(exp_avg_sq)); per-tensor Adam (CPU) two the size of the largest one:
+3. the Adam step: foreach Adam (what ``sdiff.training.step`` builds on every device) allocates
+   one temporary the size of all parameters (sqrt(exp_avg_sq)):
        optimizer_step = weights + gradients + optimizer + ema + optimizer_temp.
 ``peak`` is the largest; ``largest_batch`` keeps it within the budget. Not modelled: kernel
 workspaces (cuBLAS/cuDNN, oneDNN scratchpads: invisible on meta), weight decay (foreach Adam then
@@ -101,11 +101,13 @@ from torch import Tensor, nn
 from sdiff.bench.memory_counting import (
     DEVICES,
     DTYPES,
+    FlopCount,
     SavedTensorCounter,
     TrainingSemantics,
     _check_dtype_device,
     _LiveBytes,
 )
+from sdiff.models.checkpointing import observe_selective_saves
 from sdiff.models.presets import PRESETS, ModelConfig, build_model, get_preset
 from sdiff.models.registry import is_model_config
 from sdiff.models.unet import UNetConfig
@@ -117,6 +119,7 @@ __all__ = [
     "MemoryReport",
     "SavedTensorCounter",
     "TrainingSemantics",
+    "checkpoint_label",
     "compare",
     "estimate_training_memory",
     "format_measurement",
@@ -148,7 +151,7 @@ class MemoryReport:
     resolution: int
     batch: int
     dtype: str
-    checkpoint: bool
+    checkpoint: bool | tuple[str, ...]  # every region full (True), none (False), or a plan
     weights: int  # fp32 master parameters (+ buffers)
     gradients: int  # fp32
     optimizer: int  # Adam exp_avg + exp_avg_sq, fp32
@@ -161,6 +164,17 @@ class MemoryReport:
     #                    activation gradients and the parameter gradients allocated so far
     optimizer_temp: int = 0  # Adam's temporaries during its step
     device: str = "cuda"  # whose kernels the count follows
+    step_flops: int = 0  # counted forward + backward FLOPs of the step without checkpointing
+    recomputed_flops: int = 0  # what checkpointing adds to backward (its recomputation)
+
+    @property
+    def recomputed_share(self) -> float:
+        """Recomputed FLOPs over the plain step's FLOPs."""
+        return self.recomputed_flops / self.step_flops if self.step_flops else 0.0
+
+    @property
+    def checkpoint_label(self) -> str:
+        return checkpoint_label(self.checkpoint)
 
     @property
     def total(self) -> int:
@@ -198,6 +212,7 @@ class MemoryReport:
             "optimizer_step": self.optimizer_step,
             "peak": self.peak,
             "peak_phase": self.peak_phase,
+            "recomputed_share": self.recomputed_share,
         }
 
 
@@ -232,10 +247,22 @@ def model_units(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return units
 
 
-def with_checkpointing(config: ModelConfig, on: bool) -> ModelConfig:
-    """The config with activation checkpointing on for every conv level and (U-ViT) the
-    transformer stack, or off everywhere."""
-    return config.with_checkpointing(on)
+def with_checkpointing(config: ModelConfig, on: bool | tuple[str, ...]) -> ModelConfig:
+    """The config with activation checkpointing on (``full``) for every conv level and
+    (U-ViT) every transformer block, or off everywhere, or as a plan says (a tuple of
+    ``checkpoint_plan`` entries, ``sdiff.models.checkpointing``)."""
+    if isinstance(on, bool):
+        return config.with_checkpointing(on)
+    if not isinstance(on, (tuple, list)):
+        raise ValueError(f"checkpoint must be True, False or plan entries; got {on!r}")
+    return replace(config.with_checkpointing(False), checkpoint_plan=tuple(on))
+
+
+def checkpoint_label(checkpoint: bool | tuple[str, ...]) -> str:
+    """ "full", "none" or the plan's entries joined by commas."""
+    if isinstance(checkpoint, bool):
+        return "full" if checkpoint else "none"
+    return ",".join(checkpoint) or "none"
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,6 +301,8 @@ class StepCount:
     by_part: dict[str, int]
     weight_copies: int
     backward: int
+    forward_flops: int = 0  # matmul, convolution and attention FLOPs (``FlopCount``)
+    backward_flops: int = 0  # the same in backward, checkpointed regions' recomputation included
 
 
 def _loss(z: Tensor, pred: Tensor, logsnr: Tensor) -> Tensor:
@@ -300,11 +329,13 @@ def simulate_step(model: nn.Module, batch: int, *, dtype: str, device: str) -> S
     semantics = TrainingSemantics(dtype, device)
     live = _LiveBytes(params + list(model.buffers()))
     counter = SavedTensorCounter(params, model_units(model))
-    with torch.enable_grad(), semantics, live:
-        with counter:
+    flops = FlopCount()
+    with torch.enable_grad(), semantics, live, flops:
+        with counter, observe_selective_saves(counter.note):
             pred = model(z, logsnr, cond)  # (B, C, H, W)
             counter.part = "loss"
             loss = _loss(z, pred, logsnr)
+        forward_flops = flops.total
         # autocast's cache holds every weight copy until it exits, saved for backward or not
         copies = {id(t.untyped_storage()): t for t in semantics.release_cache()}
         counter.labels = dict.fromkeys(copies, WEIGHT_COPIES)
@@ -324,7 +355,11 @@ def simulate_step(model: nn.Module, batch: int, *, dtype: str, device: str) -> S
         torch.autograd.backward(edge, grad_tensors=torch.ones_like(loss))
         backward = live.peak
     model.zero_grad(set_to_none=True)
-    return StepCount(activations, by_part, by_part.get(WEIGHT_COPIES, 0), backward)
+    backward_flops = flops.total - forward_flops
+    return StepCount(
+        activations, by_part, by_part.get(WEIGHT_COPIES, 0), backward, forward_flops,
+        backward_flops,
+    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=64)
@@ -337,27 +372,26 @@ def estimate_training_memory(
     batch: int,
     *,
     dtype: str = "bf16",
-    checkpoint: bool = False,
+    checkpoint: bool | tuple[str, ...] = False,
     device: str = "cuda",
 ) -> MemoryReport:
     """Memory of one steady-state training step of ``config`` at ``batch``, on meta.
 
     dtype: "bf16" (CUDA autocast, the trainer's default on GPUs) or "fp32". checkpoint:
-    activation checkpointing on for every conv level and the transformer stack (else off
-    everywhere). device: whose kernels to follow, "cuda" or "cpu" (fp32 only)."""
+    activation checkpointing on (``full``) for every conv level and transformer block, off
+    everywhere, or a plan's entries (``with_checkpointing``). device: whose kernels to follow,
+    "cuda" or "cpu" (fp32 only)."""
     name, config = resolve_config(config)
     _check_batch(batch)
     _check_dtype_device(dtype, device)
+    plain = _simulate(with_checkpointing(config, False), batch, dtype, device)
     config = with_checkpointing(config, checkpoint)
     step = _simulate(config, batch, dtype, device)
     model = _meta_model(config)
     params = list(model.parameters())
     weights = sum(p.numel() * p.element_size() for p in params)  # fp32 master weights
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    if device == "cuda":  # foreach Adam: sqrt(exp_avg_sq) of every parameter at once
-        temp = weights
-    else:  # per-tensor Adam: sqrt(exp_avg_sq) and its quotient, one parameter at a time
-        temp = 2 * max((p.numel() * p.element_size() for p in params), default=0)
+    temp = weights  # foreach Adam (every device): sqrt(exp_avg_sq) of every parameter at once
     return MemoryReport(
         model=name,
         resolution=config.resolution,
@@ -375,6 +409,8 @@ def estimate_training_memory(
         backward=step.backward,
         optimizer_temp=temp,
         device=device,
+        step_flops=plain.forward_flops + plain.backward_flops,
+        recomputed_flops=step.backward_flops - plain.backward_flops,
     )
 
 
@@ -386,7 +422,7 @@ def largest_batch(
     budget_bytes: int,
     *,
     dtype: str = "bf16",
-    checkpoint: bool = False,
+    checkpoint: bool | tuple[str, ...] = False,
     device: str = "cuda",
 ) -> int:
     """The largest B with ``estimate_training_memory(B).peak <= budget_bytes`` (0: not even 1).
@@ -514,7 +550,7 @@ def measure_training_memory(
     *,
     device: str | torch.device | None = None,
     dtype: str | None = None,
-    checkpoint: bool = False,
+    checkpoint: bool | tuple[str, ...] = False,
     snapshot: str | Path | None = None,
     timeout: float = 600,
 ) -> dict:
@@ -642,7 +678,8 @@ def format_report(report: MemoryReport, top: int = 8) -> str:
     most activations."""
     r = report
     name, unit = _unit(r.peak)
-    ckpt = "with" if r.checkpoint else "without"
+    ckpt = {"full": "with", "none": "without"}.get(r.checkpoint_label)
+    ckpt = ckpt or f"with the plan {r.checkpoint_label} of"
     params = f"{r.params / 1e9:.3f} B" if r.params >= 1e9 else f"{r.params / 1e6:.2f} M"
     rows = [
         ("weights (fp32)", r.weights, ""),
@@ -668,11 +705,20 @@ def format_report(report: MemoryReport, top: int = 8) -> str:
         ),
         ("peak", r.peak, f"at the {r.peak_phase}"),
     ]
+    if r.step_flops:
+        recomputed = (
+            f"  recomputed in backward: {r.recomputed_flops / 1e12:.2f} TFLOP, "
+            f"{100 * r.recomputed_share:.1f}% of the step's {r.step_flops / 1e12:.1f} TFLOP"
+        )
+    else:
+        recomputed = ""
     lines = [
         f"{r.model} at {r.resolution}px, batch {r.batch}, {r.dtype} ({r.device} kernels), "
         f"{ckpt} activation checkpointing; {params} parameters"
     ]
     lines += [f"  {k:<36}{v / unit:9.2f} {name}  {note}".rstrip() for k, v, note in rows]
+    if recomputed:
+        lines.append(recomputed)
     lines.append("  activations by part:")
     for part, nbytes in _grouped_parts(r.activations_by_part)[:top]:
         share = 100 * nbytes / max(r.activations, 1)
@@ -724,11 +770,29 @@ def memory_main(args: list[str] | None = None) -> int:
         description="Peak training memory of a model preset, estimated on the meta device "
         "(no allocation) and optionally measured.",
     )
-    p.add_argument("--model", required=True, help="model preset, e.g. uvit-l-512")
+    p.add_argument("--model", default=None, help="model preset, e.g. uvit-l-512 (required)")
     p.add_argument("--res", type=int, default=None, help="resolution (default: the preset's)")
-    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--batch", type=int, default=None, help="batch size (required)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    p.add_argument("--checkpoint", action="store_true", help="only with checkpointing")
+    p.add_argument("--checkpoint", action="store_true", help="only with full checkpointing")
+    p.add_argument(
+        "--plan",
+        default=None,
+        help="only with this checkpoint plan: comma-separated entries such as "
+        "levels=full,blocks=selective,block.0-3=full (sdiff.models.checkpointing)",
+    )
+    p.add_argument(
+        "--choose-plan",
+        action="store_true",
+        help="also choose the plan that fits --budget-gib with the fewest recomputed FLOPs",
+    )
+    p.add_argument(
+        "--policies-report",
+        default=None,
+        metavar="DIR",
+        help="write DIR/checkpointing.{md,csv}: peak memory and recomputed FLOPs per policy for "
+        "U-ViT L 512 (batch 32, 64) and U-Net 512 (batch 32); no other option needed",
+    )
     p.add_argument(
         "--max-batch",
         action="store_true",
@@ -745,10 +809,20 @@ def memory_main(args: list[str] | None = None) -> int:
     p.add_argument("--snapshot", default=None, help="CUDA memory snapshot of the step (.pickle)")
     p.add_argument("--csv", default=None, help="append the rows to this CSV file")
     a = show_defaults(p).parse_args(args)
-    _check_batch(a.batch)
     if a.budget_gib is not None and a.budget_gib <= 0:
         raise ValueError(f"--budget-gib must be > 0; got {a.budget_gib}")
-    search = a.max_batch or a.budget_gib is not None
+    if a.policies_report is not None:
+        from sdiff.bench.checkpoint_plan import write_policies_report
+
+        budget = 80.0 if a.budget_gib is None else a.budget_gib
+        print(write_policies_report(a.policies_report, budget_gib=budget))
+        return 0
+    if a.model is None or a.batch is None:
+        p.error("--model and --batch are required (unless --policies-report)")
+    _check_batch(a.batch)
+    if a.plan is not None and a.checkpoint:
+        p.error("--plan and --checkpoint exclude each other")
+    search = a.max_batch or (a.budget_gib is not None and not a.choose_plan)
     a.budget_gib = 80.0 if a.budget_gib is None else a.budget_gib
     cuda = torch.cuda.is_available()
     if a.snapshot and not (a.measure and cuda):
@@ -762,7 +836,12 @@ def memory_main(args: list[str] | None = None) -> int:
 
     stamp = {"torch": str(torch.__version__), "git_sha": git_sha(), "date": time.strftime("%F")}
     rows, texts = [], []
-    for ckpt in [True] if a.checkpoint else [False, True]:
+    if a.plan is not None:
+        settings: list[bool | tuple[str, ...]] = [tuple(e for e in a.plan.split(",") if e)]
+        with_checkpointing(config, settings[0])  # a bad plan fails here, naming the entry
+    else:
+        settings = [True] if a.checkpoint else [False, True]
+    for ckpt in settings:
         report = estimate_training_memory(config, a.batch, dtype=a.dtype, checkpoint=ckpt)
         report = replace(report, model=name)
         row = report.to_dict() | stamp
@@ -774,7 +853,7 @@ def memory_main(args: list[str] | None = None) -> int:
         if a.measure:
             dtype = a.dtype if cuda else "fp32"  # CPU autocast is another policy: fp32 there
             snap = a.snapshot
-            if snap and ckpt and not a.checkpoint:  # two runs: two snapshots
+            if snap and ckpt is True and not a.checkpoint:  # two runs: two snapshots
                 snap = Path(snap).with_name(f"{Path(snap).stem}-checkpoint{Path(snap).suffix}")
             row["measured"] = measure_training_memory(
                 config, a.batch, dtype=dtype, checkpoint=ckpt, snapshot=snap
@@ -787,6 +866,19 @@ def memory_main(args: list[str] | None = None) -> int:
             text += "\n" + format_measurement(row["measured"], same)
         rows.append(row)
         texts.append(text)
+    if a.choose_plan:
+        from sdiff.bench.checkpoint_plan import choose_plan
+
+        choice = choose_plan(config, a.batch, budget, dtype=a.dtype)
+        if choice is None:
+            texts.append(f"no checkpoint plan fits {a.batch} images in {a.budget_gib:g} GiB")
+        else:
+            report = replace(choice.report, model=name)
+            rows.append(report.to_dict() | stamp | {"budget_gib": a.budget_gib, "chosen": True})
+            texts.append(
+                f"chosen plan for {a.budget_gib:g} GiB: {','.join(choice.plan)}\n"
+                + format_report(report)
+            )
     if a.csv:
         _append_csv(a.csv, rows)
     print(json.dumps(rows, indent=2, default=str) if a.json else "\n\n".join(texts))

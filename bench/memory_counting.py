@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import flop_registry
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEVICES = ("cuda", "cpu")
@@ -60,6 +61,11 @@ class SavedTensorCounter:
             if not self._stack:
                 self._gap.add(key)
         return t
+
+    def note(self, t: Tensor) -> None:
+        """Count ``t`` as kept for backward although autograd's hooks do not show it (what a
+        selective checkpoint keeps in its own cache), attributed as a saved tensor would be."""
+        self._pack(t)
 
     def _enter(self, part: str, _module: nn.Module, args: tuple) -> None:
         # checkpoint() saves a region's inputs just before it calls the region: give them to it
@@ -164,6 +170,24 @@ _FP32 = {
 _FP32_INTERPOLATE = ("nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear")
 
 
+class FlopCount(TorchDispatchMode):
+    """FLOPs of the ops PyTorch's FLOP counter knows (matrix products, convolutions,
+    attention kernels), summed as they run; ``torch.utils.flop_counter.FlopCounterMode`` without
+    its module tracker, whose hooks keep tensors alive and would distort the live-byte count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func.overloadpacket)
+        if count is not None:
+            self.total += int(count(*args, **kwargs, out_val=out))
+        return out
+
+
 def _cpu_flash_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether CPU SDPA picks its flash kernel (what ``torch._fused_sdp_choice`` answers on
     CPU; on meta it always says math): 4-D inputs, unit stride in the head dim, equal head dims.
@@ -178,6 +202,16 @@ class _FlashLikeAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        if q.device.type == "meta" and mask is None:  # the real op's meta kernel: its outputs
+            # and FLOPs are what FlopCounterMode and a selective checkpoint see on the GPU
+            out, lse, *rest = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)
+            # in the layout of q (the heads' view of one (B, N, W) tensor); sdiff's kernel, as
+            # measured on the H200, returns a new contiguous one, which the model's head merge
+            # then copies: kept here (cuDNN, which returns q's layout, keeps one copy less)
+            out = out.contiguous()
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.lengths = rest[2:4]  # the rest is dropped here, as on CPU tensors (below)
+            return out
         if q.device.type == "meta":
             out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
         else:  # values only matter off meta
@@ -188,7 +222,13 @@ class _FlashLikeAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: Tensor):  # shapes only: dq, dk, dv as the kernel allocates them
-        q, k, v, *_ = ctx.saved_tensors
+        q, k, v, *saved = ctx.saved_tensors
+        if hasattr(ctx, "lengths"):  # meta: the real backward op, for its FLOPs
+            seed = torch.empty(2, dtype=torch.uint64, device=q.device)  # (unused: no dropout)
+            offset = torch.empty((), dtype=torch.uint64, device=q.device)
+            op = torch.ops.aten._scaled_dot_product_flash_attention_backward
+            args = (dout, q, k, v, *saved, None, None, *ctx.lengths, 0.0, False, seed, offset)
+            return *op(*args), None
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
 
 

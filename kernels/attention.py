@@ -51,6 +51,9 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
+from sdiff.kernels._common import DTYPES, interpreting, tl, triton, triton_available, unsupported
+from sdiff.kernels._common import result_buffer as _result_like
+
 __all__ = [
     "HEAD_DIMS",
     "attention_ref",
@@ -61,7 +64,6 @@ __all__ = [
 ]
 
 HEAD_DIMS = (16, 32, 64, 128)
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
 
 
@@ -70,14 +72,6 @@ def _read_only(table: Mapping) -> Mapping:
     return MappingProxyType(
         {key: _read_only(val) if isinstance(val, Mapping) else val for key, val in table.items()}
     )
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_available() -> bool:
-    return triton is not None
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> bool:
@@ -106,17 +100,12 @@ def attention_ref(
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels. Importing this module needs neither a GPU nor triton itself; TRITON_INTERPRET
-# must be set before this module (and triton) is first imported to run them on the CPU.
+# must be set before this module (and triton, imported by ``_common``) is first imported to run
+# them on the CPU.
 #
 # Every kernel runs one program per (block of rows, batch x head). It first moves each pointer
 # to its (batch, head) matrix, in int64 because B x H x L x D may pass 2^31 elements; the tiles
 # are then addressed by row and column offsets within one (L, D) matrix.
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with torch on Linux x86_64
-    triton = None
 
 if triton is not None:
 
@@ -545,19 +534,12 @@ def _mask_args(q: Tensor, mask: Tensor | None) -> tuple[Tensor, int, int, bool]:
     return m, m.stride(0), m.stride(1), True
 
 
-def _result_like(x: Tensor) -> Tensor:
-    """Output buffer: x's dtype, or fp32 for bf16 under the interpreter (rounded afterwards)."""
-    if interpreting() and x.dtype == torch.bfloat16:
-        return torch.empty_like(x, dtype=torch.float32)
-    return torch.empty_like(x)
-
-
 def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
     if not supports(q, k, v, mask):
-        raise ValueError(
-            f"the triton attention kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before "
-            f"triton is imported), one dtype of {[str(d) for d in DTYPES]} for q, k, v and head "
-            f"dim in {HEAD_DIMS}; got {q.device} {q.dtype} head dim {q.shape[-1]}"
+        raise unsupported(
+            "attention",
+            f"one dtype for q, k and v and head dim in {HEAD_DIMS}",
+            f"{q.device} {q.dtype} head dim {q.shape[-1]}",
         )
 
 

@@ -33,18 +33,19 @@ per-example terms of dweight and dbias go to an fp32 (B, C) buffer that torch su
 result is deterministic (no atomics).
 
 Code layout (as the Triton layer-norm tutorial): thin kernels ``_fwd`` and ``_bwd`` over the
-``@triton.jit`` helpers ``_tile`` (pointers and mask of a (BLOCK_C, BLOCK_HW) tile of one
-group), ``_load``, ``_load_channel`` (per-channel vectors) and ``_modulated`` (z recomputed from
-x the same way by both kernels). The masks of a channel count per group that is a power of two
-and of an H x W that is a multiple of BLOCK_HW are compiled away by constexpr flags (EVEN_C,
-EVEN_HW). BLOCK_HW and num_warps: the caller's ``launch_config`` (a keyword of ``_forward`` and
-``_backward``), else ``_launch_config``'s default by channels per group and H x W (not yet
-measured on a GPU). bf16 results under the Triton interpreter go through fp32 buffers, as in
-``attention`` (its fp32 -> bf16 store truncates).
+``@triton.jit`` helpers of ``_common`` (``tile_ptrs``, ``load_tile`` and ``store_tile``: pointers,
+mask and fp32 values of a (BLOCK_C, BLOCK_HW) tile of one group; ``load_vec``: per-channel
+vectors) and ``_modulated`` (z recomputed from x the same way by both kernels). The masks of a
+channel count per group that is a power of two and of an H x W that is a multiple of BLOCK_HW
+are compiled away by constexpr flags (EVEN_C, EVEN_HW). BLOCK_HW and num_warps: the caller's
+``launch_config`` (a keyword of ``_forward`` and ``_backward``), else ``_launch_config``'s
+default by channels per group and H x W (not yet measured on a GPU). bf16 results under the
+Triton interpreter go through fp32 buffers (``_common.result_buffer``: its fp32 -> bf16 store
+truncates).
 
 The ops are registered with ``torch.library`` (``sdiff::groupnorm_silu_fwd``/``_bwd``) with fake
 implementations, so ``torch.compile(fullgraph=True)`` passes through them; autograd goes through
-``register_autograd``.
+``register_autograd`` (``_common.register_norm_autograd``).
 """
 
 from __future__ import annotations
@@ -55,16 +56,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sdiff.kernels.attention import interpreting, triton_available
+from sdiff.kernels._common import (
+    DTYPES,
+    interpreting,
+    load_tile,
+    load_vec,
+    promoted_dtype,
+    register_norm_autograd,
+    result_buffer,
+    stats_buffers,
+    store_tile,
+    tile_ptrs,
+    tl,
+    triton,
+    triton_available,
+    unsupported,
+)
 
 __all__ = ["MAX_GROUP_CHANNELS", "groupnorm_silu", "groupnorm_silu_ref", "supports"]
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_GROUP_CHANNELS = 256  # one (BLOCK_C, BLOCK_HW >= 16) fp32 tile per program in registers
-
-
-def _out_dtype(x: Tensor, scale: Tensor, shift: Tensor) -> torch.dtype:
-    return torch.promote_types(torch.promote_types(x.dtype, scale.dtype), shift.dtype)
 
 
 def supports(
@@ -97,7 +108,7 @@ def groupnorm_silu_ref(
 ) -> Tensor:
     """SiLU(GroupNorm(x) * (1 + scale) + shift) with float32 (float64 for float64 inputs)
     arithmetic, in the promoted dtype of x, scale and shift."""
-    out = _out_dtype(x, scale, shift)
+    out = promoted_dtype(x, scale, shift)
     acc = torch.promote_types(out, torch.float32)
     h = F.group_norm(x.to(acc), groups, weight.to(acc), bias.to(acc), eps)  # (B, C, H, W)
     h = h * (1 + scale.to(acc)[:, :, None, None]) + shift.to(acc)[:, :, None, None]
@@ -108,38 +119,10 @@ def groupnorm_silu_ref(
 # Triton kernels (importable without a GPU; TRITON_INTERPRET=1 before triton's first import runs
 # them on the CPU). Every kernel runs one program per (example b, group g): it first moves its
 # pointers to the group's first channel, in int64 because B x C x H x W may pass 2^31 elements,
-# and addresses the group as a (channels, H x W) matrix with int64 offsets.
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with torch on Linux x86_64
-    triton = None
+# and addresses the group as a (channels, H x W) matrix with int64 offsets (``tile_ptrs``). x
+# is loaded with the mean where masked, so that z stays finite where nothing is stored.
 
 if triton is not None:
-
-    @triton.jit
-    def _tile(base, offs_c, offs_hw, stride_c, stride_hw, CG, HW):
-        """Pointers to channels ``offs_c`` x positions ``offs_hw`` of the (CG, HW) group at
-        ``base`` (a (BLOCK_C, BLOCK_HW) tile) and the mask of the entries that exist."""
-        ptrs = base + offs_c[:, None] * stride_c + offs_hw[None, :] * stride_hw
-        mask = (offs_c < CG)[:, None] & (offs_hw < HW)[None, :]
-        return ptrs, mask
-
-    @triton.jit
-    def _load(ptrs, mask, EVEN: tl.constexpr, other=0.0):
-        """The tile at ``ptrs`` in fp32; entries outside ``mask`` read ``other`` (EVEN: all
-        exist). x is padded with the mean, so that z stays finite where nothing is stored."""
-        if EVEN:
-            return tl.load(ptrs).to(tl.float32)
-        return tl.load(ptrs, mask=mask, other=other).to(tl.float32)
-
-    @triton.jit
-    def _load_channel(base, offs_c, stride, CG, EVEN_C: tl.constexpr):
-        """(BLOCK_C,) fp32 values of the group's channels at ``base`` (0 past CG)."""
-        if EVEN_C:
-            return tl.load(base + offs_c * stride).to(tl.float32)
-        return tl.load(base + offs_c * stride, mask=offs_c < CG, other=0.0).to(tl.float32)
 
     @triton.jit
     def _modulated(x, mean, rstd, gamma, beta):
@@ -186,13 +169,13 @@ if triton is not None:
         Y += b * syb + c0 * syc
         offs_c = tl.arange(0, BLOCK_C).to(tl.int64)
         offs_hw = tl.arange(0, BLOCK_HW).to(tl.int64)
-        ptrs, mask = _tile(X, offs_c, offs_hw, sxc, sxhw, CG, HW)  # K: the first tile's mean
-        k = tl.sum(tl.sum(_load(ptrs, mask, EVEN_HW), 1), 0) / (CG * tl.minimum(HW, BLOCK_HW))
+        ptrs, mask = tile_ptrs(X, offs_c, offs_hw, sxc, sxhw, CG, HW)  # K: the first tile's mean
+        k = tl.sum(tl.sum(load_tile(ptrs, mask, EVEN_HW), 1), 0) / (CG * tl.minimum(HW, BLOCK_HW))
         s1 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
         s2 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
         for start in range(0, HW, BLOCK_HW):
-            ptrs, mask = _tile(X, offs_c, start + offs_hw, sxc, sxhw, CG, HW)
-            d = _load(ptrs, mask, EVEN_HW) - k
+            ptrs, mask = tile_ptrs(X, offs_c, start + offs_hw, sxc, sxhw, CG, HW)
+            d = load_tile(ptrs, mask, EVEN_HW) - k
             if not EVEN_HW:
                 d = tl.where(mask, d, 0.0)
             s1 += d
@@ -202,20 +185,17 @@ if triton is not None:
         var = tl.maximum(tl.sum(tl.sum(s2, 1), 0) / n - m1 * m1, 0.0)
         mean = k + m1
         rstd = 1.0 / tl.sqrt(var + eps)
-        one_s = 1.0 + _load_channel(Scale + b * ssb + c0 * ssc, offs_c, ssc, CG, EVEN_C)
-        gamma = _load_channel(W + c0, offs_c, 1, CG, EVEN_C) * one_s
-        beta = _load_channel(Bias + c0, offs_c, 1, CG, EVEN_C) * one_s + _load_channel(
+        one_s = 1.0 + load_vec(Scale + b * ssb + c0 * ssc, offs_c, ssc, CG, EVEN_C)
+        gamma = load_vec(W + c0, offs_c, 1, CG, EVEN_C) * one_s
+        beta = load_vec(Bias + c0, offs_c, 1, CG, EVEN_C) * one_s + load_vec(
             Shift + b * stb + c0 * stc, offs_c, stc, CG, EVEN_C
         )
         for start in range(0, HW, BLOCK_HW):
-            ptrs, mask = _tile(X, offs_c, start + offs_hw, sxc, sxhw, CG, HW)
-            _, z = _modulated(_load(ptrs, mask, EVEN_HW, mean), mean, rstd, gamma, beta)
+            ptrs, mask = tile_ptrs(X, offs_c, start + offs_hw, sxc, sxhw, CG, HW)
+            _, z = _modulated(load_tile(ptrs, mask, EVEN_HW, mean), mean, rstd, gamma, beta)
             y = z * tl.sigmoid(z)
-            out, mask = _tile(Y, offs_c, start + offs_hw, syc, syhw, CG, HW)
-            if EVEN_HW:
-                tl.store(out, y.to(Y.dtype.element_ty))
-            else:
-                tl.store(out, y.to(Y.dtype.element_ty), mask=mask)
+            out, mask = tile_ptrs(Y, offs_c, start + offs_hw, syc, syhw, CG, HW)
+            store_tile(out, y, mask, EVEN_HW)
         tl.store(Mean + bg, mean)
         tl.store(Rstd + bg, rstd)
 
@@ -267,19 +247,19 @@ if triton is not None:
         offs_hw = tl.arange(0, BLOCK_HW).to(tl.int64)
         mean = tl.load(Mean + bg)
         rstd = tl.load(Rstd + bg)
-        w = _load_channel(W + c0, offs_c, 1, CG, EVEN_C)
-        bias = _load_channel(Bias + c0, offs_c, 1, CG, EVEN_C)
-        one_s = 1.0 + _load_channel(Scale + b * ssb + c0 * ssc, offs_c, ssc, CG, EVEN_C)
+        w = load_vec(W + c0, offs_c, 1, CG, EVEN_C)
+        bias = load_vec(Bias + c0, offs_c, 1, CG, EVEN_C)
+        one_s = 1.0 + load_vec(Scale + b * ssb + c0 * ssc, offs_c, ssc, CG, EVEN_C)
         gamma = w * one_s
-        beta = bias * one_s + _load_channel(Shift + b * stb + c0 * stc, offs_c, stc, CG, EVEN_C)
+        beta = bias * one_s + load_vec(Shift + b * stb + c0 * stc, offs_c, stc, CG, EVEN_C)
         sum_dz = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
         sum_dzx = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
         for start in range(0, HW, BLOCK_HW):
-            ptrs, mask = _tile(X, offs_c, start + offs_hw, sxc, sxhw, CG, HW)
-            xhat, z = _modulated(_load(ptrs, mask, EVEN_HW, mean), mean, rstd, gamma, beta)
-            ptrs, mask = _tile(DY, offs_c, start + offs_hw, sdc, sdhw, CG, HW)
+            ptrs, mask = tile_ptrs(X, offs_c, start + offs_hw, sxc, sxhw, CG, HW)
+            xhat, z = _modulated(load_tile(ptrs, mask, EVEN_HW, mean), mean, rstd, gamma, beta)
+            ptrs, mask = tile_ptrs(DY, offs_c, start + offs_hw, sdc, sdhw, CG, HW)
             sig = tl.sigmoid(z)
-            dz = _load(ptrs, mask, EVEN_HW) * sig * (1.0 + z * (1.0 - sig))  # 0 where masked
+            dz = load_tile(ptrs, mask, EVEN_HW) * sig * (1.0 + z * (1.0 - sig))  # 0 where masked
             sum_dz += dz
             sum_dzx += dz * xhat
         s1 = tl.sum(sum_dz, 1)  # (BLOCK_C,): sum_HW dz, 0 past CG
@@ -288,17 +268,14 @@ if triton is not None:
         m1 = tl.sum(gamma * s1, 0) / n  # mean over the group of dxhat = gamma dz
         m2 = tl.sum(gamma * s2, 0) / n  # ... of dxhat xhat
         for start in range(0, HW, BLOCK_HW):
-            ptrs, mask = _tile(X, offs_c, start + offs_hw, sxc, sxhw, CG, HW)
-            xhat, z = _modulated(_load(ptrs, mask, EVEN_HW, mean), mean, rstd, gamma, beta)
-            ptrs, mask = _tile(DY, offs_c, start + offs_hw, sdc, sdhw, CG, HW)
+            ptrs, mask = tile_ptrs(X, offs_c, start + offs_hw, sxc, sxhw, CG, HW)
+            xhat, z = _modulated(load_tile(ptrs, mask, EVEN_HW, mean), mean, rstd, gamma, beta)
+            ptrs, mask = tile_ptrs(DY, offs_c, start + offs_hw, sdc, sdhw, CG, HW)
             sig = tl.sigmoid(z)
-            dz = _load(ptrs, mask, EVEN_HW) * sig * (1.0 + z * (1.0 - sig))
+            dz = load_tile(ptrs, mask, EVEN_HW) * sig * (1.0 + z * (1.0 - sig))
             dx = rstd * (dz * gamma[:, None] - m1 - xhat * m2)
-            out, mask = _tile(DX, offs_c, start + offs_hw, sgc, sghw, CG, HW)
-            if EVEN_HW:
-                tl.store(out, dx.to(DX.dtype.element_ty))
-            else:
-                tl.store(out, dx.to(DX.dtype.element_ty), mask=mask)
+            out, mask = tile_ptrs(DX, offs_c, start + offs_hw, sgc, sghw, CG, HW)
+            store_tile(out, dx, mask, EVEN_HW)
         per_bc = b * G * CG + c0 + offs_c  # (B, C) contiguous fp32 buffers
         ok = offs_c < CG
         tl.store(DShift + per_bc, s1, mask=ok)
@@ -326,13 +303,13 @@ def _check(
     x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor, shift: Tensor, groups: int
 ) -> None:
     if not supports(x, weight, bias, scale, shift, groups):
-        raise ValueError(
-            f"the triton groupnorm_silu kernel needs CUDA tensors (or TRITON_INTERPRET=1 set "
-            f"before triton is imported) of dtypes {[str(d) for d in DTYPES]}, x (B, C, H, W) "
-            f"with groups dividing C into at most {MAX_GROUP_CHANNELS} channels each, weight "
-            f"and bias (C,), scale and shift (B, C); got x {tuple(x.shape)} {x.dtype} on "
-            f"{x.device}, groups {groups}, weight {tuple(weight.shape)}, bias "
-            f"{tuple(bias.shape)}, scale {tuple(scale.shape)}, shift {tuple(shift.shape)}"
+        raise unsupported(
+            "groupnorm_silu",
+            f"x (B, C, H, W) with groups dividing C into at most {MAX_GROUP_CHANNELS} channels "
+            f"each, weight and bias (C,), scale and shift (B, C)",
+            f"x {tuple(x.shape)} {x.dtype} on {x.device}, groups {groups}, weight "
+            f"{tuple(weight.shape)}, bias {tuple(bias.shape)}, scale {tuple(scale.shape)}, "
+            f"shift {tuple(shift.shape)}",
         )
 
 
@@ -344,14 +321,6 @@ def _flat(x: Tensor) -> Tensor:
         stride_hw = x.stride(3) if w > 1 else x.stride(2)
         return x.as_strided((b, c, h * w), (x.stride(0), x.stride(1), stride_hw))
     return x.contiguous().view(b, c, h * w)
-
-
-def _buffer(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """An output buffer shaped like x, in its memory format: ``dtype``, or fp32 for bf16 under
-    the interpreter (whose fp32 -> bf16 store truncates; torch rounds it afterwards)."""
-    if interpreting() and dtype == torch.bfloat16:
-        dtype = torch.float32
-    return torch.empty_like(x, dtype=dtype)
 
 
 def _flags(cg: int, hw: int, cfg: Mapping) -> dict:
@@ -378,15 +347,14 @@ def _forward(
     cg, hw = c // groups, h * w
     xf = _flat(x)
     weight, bias = weight.contiguous(), bias.contiguous()  # read with stride 1
-    y = _buffer(xf, _out_dtype(x, scale, shift))
-    mean = torch.empty(bsz, groups, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
+    y = result_buffer(xf, promoted_dtype(x, scale, shift))
+    mean, rstd = stats_buffers(x, (bsz, groups))
     cfg = _launch_config(cg, hw, launch_config)
     _fwd[(bsz * groups,)](
         xf, weight, bias, scale, shift, y, mean, rstd, *xf.stride(), *y.stride(),
         *scale.stride(), *shift.stride(), groups, cg, hw, eps, **_flags(cg, hw, cfg), **cfg,
     )  # fmt: skip
-    return y.view(bsz, c, h, w).to(_out_dtype(x, scale, shift)), mean, rstd
+    return y.view(bsz, c, h, w).to(promoted_dtype(x, scale, shift)), mean, rstd
 
 
 def _backward(
@@ -408,7 +376,7 @@ def _backward(
     cg, hw = c // groups, h * w
     xf, dyf = _flat(x), _flat(dy)
     weight, bias = weight.contiguous(), bias.contiguous()
-    dx = _buffer(xf, x.dtype)
+    dx = result_buffer(xf)
     dscale, dshift, dw_b, db_b = (
         torch.empty(bsz, c, device=x.device, dtype=torch.float32) for _ in range(4)
     )
@@ -440,9 +408,8 @@ def groupnorm_silu_fwd(
 
 @groupnorm_silu_fwd.register_fake
 def _(x, weight, bias, scale, shift, groups, eps):
-    stats = x.new_empty((x.shape[0], groups), dtype=torch.float32)
-    y = torch.empty_like(_flat(x), dtype=_out_dtype(x, scale, shift)).view(x.shape)
-    return y, stats, torch.empty_like(stats)
+    y = torch.empty_like(_flat(x), dtype=promoted_dtype(x, scale, shift)).view(x.shape)
+    return (y, *stats_buffers(x, (x.shape[0], groups)))
 
 
 @torch.library.custom_op("sdiff::groupnorm_silu_bwd", mutates_args=())
@@ -466,18 +433,8 @@ def _(dy, x, weight, bias, scale, shift, mean, rstd):
             scale.new_empty(scale.shape), shift.new_empty(shift.shape))  # fmt: skip
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, scale, shift, _groups, _eps = inputs
-    _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-
-
-def _autograd_backward(ctx, dy, _dmean, _drstd):
-    grads = groupnorm_silu_bwd(dy, *ctx.saved_tensors)
-    return (*grads, None, None)
-
-
-groupnorm_silu_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+# x, weight, bias, scale, shift
+register_norm_autograd(groupnorm_silu_fwd, groupnorm_silu_bwd, tensors=5)
 
 
 def groupnorm_silu(

@@ -23,18 +23,19 @@ one program per row block again; its dshift and dscale sums over its own rows go
 atomics).
 
 Code layout (as the Triton layer-norm tutorial): thin kernels ``_fwd`` and ``_bwd`` over the
-``@triton.jit`` helpers ``_rows``, ``_load`` and ``_store`` (pointers, mask, fp32 values of a
-(BLOCK_M, BLOCK_D) tile) and ``_load_vec`` (one example's shift or scale), shared by both, and
-``_normalize`` (xhat, mean and rstd; the backward recomputes xhat from the saved statistics). The
-masks of a row count that is a multiple of BLOCK_M and of a power-of-two D are compiled away by
-constexpr flags (EVEN_M, EVEN_D). BLOCK_M and num_warps: the caller's ``launch_config`` (a
-keyword of ``_forward`` and ``_backward``), else ``_launch_config``'s default by D (not yet
-measured on a GPU). bf16 results under the Triton interpreter go through fp32 buffers, as in
-``attention`` (its fp32 -> bf16 store truncates).
+``@triton.jit`` helpers of ``_common`` (``tile_ptrs``, ``load_tile`` and ``store_tile``:
+pointers, mask and fp32 values of a (BLOCK_M, BLOCK_D) tile; ``load_vec``: one example's shift
+or scale), shared by both, and ``_normalize`` (xhat, mean and rstd; the backward recomputes xhat
+from the saved statistics). The masks of a row count that is a multiple of BLOCK_M and of a
+power-of-two D are compiled away by constexpr flags (EVEN_M, EVEN_D). BLOCK_M and num_warps: the
+caller's ``launch_config`` (a keyword of ``_forward`` and ``_backward``), else
+``_launch_config``'s default by D (not yet measured on a GPU). bf16 results under the Triton
+interpreter go through fp32 buffers (``_common.result_buffer``: its fp32 -> bf16 store
+truncates).
 
 The ops are registered with ``torch.library`` (``sdiff::norm_modulate_fwd``/``_bwd``) with
 fake implementations, so ``torch.compile(fullgraph=True)`` passes through them; autograd goes
-through ``register_autograd``.
+through ``register_autograd`` (``_common.register_norm_autograd``).
 """
 
 from __future__ import annotations
@@ -45,11 +46,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sdiff.kernels.attention import interpreting, triton_available
+from sdiff.kernels._common import (
+    DTYPES,
+    interpreting,
+    load_tile,
+    load_vec,
+    promoted_dtype,
+    register_norm_autograd,
+    result_buffer,
+    stats_buffers,
+    store_tile,
+    tile_ptrs,
+    tl,
+    triton,
+    triton_available,
+    unsupported,
+)
 
 __all__ = ["MAX_DIM", "norm_modulate", "norm_modulate_ref", "supports"]
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DIM = 16384  # one row of fp32 per program must fit in registers
 
 
@@ -67,14 +82,10 @@ def supports(x: Tensor, shift: Tensor, scale: Tensor) -> bool:
     )
 
 
-def _out_dtype(x: Tensor, shift: Tensor, scale: Tensor) -> torch.dtype:
-    return torch.promote_types(torch.promote_types(x.dtype, shift.dtype), scale.dtype)
-
-
 def norm_modulate_ref(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
     """LayerNorm(x) * (1 + scale[:, None]) + shift[:, None] with float32 (float64 for float64
     inputs) arithmetic, in the inputs' promoted dtype."""
-    out = _out_dtype(x, shift, scale)
+    out = promoted_dtype(x, shift, scale)
     acc = torch.promote_types(out, torch.float32)
     y = F.layer_norm(x.to(acc), x.shape[-1:], eps=eps)  # (B, N, D)
     return (y * (1 + scale.to(acc)[:, None]) + shift.to(acc)[:, None]).to(out)
@@ -85,43 +96,7 @@ def norm_modulate_ref(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6
 # them on the CPU). Every kernel runs one program per (block of BLOCK_M rows, example b); it
 # first moves its pointers to example b, in int64 because B x N x D may pass 2^31 elements.
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with torch on Linux x86_64
-    triton = None
-
 if triton is not None:
-
-    @triton.jit
-    def _rows(base, offs_m, offs_d, stride_m, stride_d, N, D):
-        """Pointers to rows ``offs_m`` of the (N, D) matrix at ``base`` (a (BLOCK_M, BLOCK_D)
-        tile) and the mask of the entries that exist."""
-        ptrs = base + offs_m[:, None] * stride_m + offs_d[None, :] * stride_d
-        mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
-        return ptrs, mask
-
-    @triton.jit
-    def _load(ptrs, mask, EVEN: tl.constexpr):
-        """The tile at ``ptrs`` in fp32; entries outside ``mask`` read 0 (EVEN: all exist)."""
-        if EVEN:
-            return tl.load(ptrs).to(tl.float32)
-        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _store(ptrs, x, mask, EVEN: tl.constexpr):
-        """Write the fp32 tile ``x`` to ``ptrs`` in their dtype, where ``mask`` (EVEN: all)."""
-        if EVEN:
-            tl.store(ptrs, x.to(ptrs.dtype.element_ty))
-        else:
-            tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _load_vec(base, offs_d, stride_d, D, EVEN_D: tl.constexpr):
-        """The (BLOCK_D,) vector at ``base`` (one example's shift or scale) in fp32, 0 past D."""
-        if EVEN_D:
-            return tl.load(base + offs_d * stride_d).to(tl.float32)
-        return tl.load(base + offs_d * stride_d, mask=offs_d < D, other=0.0).to(tl.float32)
 
     @triton.jit
     def _normalize(x, offs_d, D, eps, EVEN_D: tl.constexpr):
@@ -171,14 +146,14 @@ if triton is not None:
         Rstd += b * N
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        x_ptrs, mask = _rows(X, offs_m, offs_d, sxn, sxd, N, D)
-        x = _load(x_ptrs, mask, EVEN_M and EVEN_D)  # (BLOCK_M, BLOCK_D)
-        shift = _load_vec(Shift, offs_d, sshd, D, EVEN_D)
-        scale1 = 1.0 + _load_vec(Scale, offs_d, sscd, D, EVEN_D)
+        x_ptrs, mask = tile_ptrs(X, offs_m, offs_d, sxn, sxd, N, D)
+        x = load_tile(x_ptrs, mask, EVEN_M and EVEN_D)  # (BLOCK_M, BLOCK_D)
+        shift = load_vec(Shift, offs_d, sshd, D, EVEN_D)
+        scale1 = 1.0 + load_vec(Scale, offs_d, sscd, D, EVEN_D)
         xhat, mean, rstd = _normalize(x, offs_d, D, eps, EVEN_D)
         y = xhat * scale1[None, :] + shift[None, :]
-        y_ptrs, _ = _rows(Y, offs_m, offs_d, syn, syd, N, D)
-        _store(y_ptrs, y, mask, EVEN_M and EVEN_D)
+        y_ptrs, _ = tile_ptrs(Y, offs_m, offs_d, syn, syd, N, D)
+        store_tile(y_ptrs, y, mask, EVEN_M and EVEN_D)
         row_ok = offs_m < N
         tl.store(Mean + offs_m, mean, mask=row_ok)
         tl.store(Rstd + offs_m, rstd, mask=row_ok)
@@ -227,11 +202,11 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < N
-        x_ptrs, mask = _rows(X, offs_m, offs_d, sxn, sxd, N, D)
-        dy_ptrs, _ = _rows(DY, offs_m, offs_d, sdyn, sdyd, N, D)
-        x = _load(x_ptrs, mask, EVEN_M and EVEN_D)
-        dy = _load(dy_ptrs, mask, EVEN_M and EVEN_D)  # 0 outside the rows and columns
-        scale1 = 1.0 + _load_vec(Scale, offs_d, sscd, D, EVEN_D)
+        x_ptrs, mask = tile_ptrs(X, offs_m, offs_d, sxn, sxd, N, D)
+        dy_ptrs, _ = tile_ptrs(DY, offs_m, offs_d, sdyn, sdyd, N, D)
+        x = load_tile(x_ptrs, mask, EVEN_M and EVEN_D)
+        dy = load_tile(dy_ptrs, mask, EVEN_M and EVEN_D)  # 0 outside the rows and columns
+        scale1 = 1.0 + load_vec(Scale, offs_d, sscd, D, EVEN_D)
         mean = tl.load(Mean + offs_m, mask=row_ok, other=0.0)
         rstd = tl.load(Rstd + offs_m, mask=row_ok, other=0.0)  # missing rows: xhat = 0
         xhat = (x - mean[:, None]) * rstd[:, None]  # not 0 past D, but dy and g are
@@ -239,8 +214,8 @@ if triton is not None:
         c_g = tl.sum(g, 1) / D
         c_gx = tl.sum(g * xhat, 1) / D
         dx = (g - c_g[:, None] - xhat * c_gx[:, None]) * rstd[:, None]
-        dx_ptrs, _ = _rows(DX, offs_m, offs_d, sdxn, sdxd, N, D)
-        _store(dx_ptrs, dx, mask, EVEN_M and EVEN_D)
+        dx_ptrs, _ = tile_ptrs(DX, offs_m, offs_d, sdxn, sdxd, N, D)
+        store_tile(dx_ptrs, dx, mask, EVEN_M and EVEN_D)
         tl.store(DShift + offs_d, tl.sum(dy, 0))
         tl.store(DScale + offs_d, tl.sum(dy * xhat, 0))
 
@@ -264,21 +239,12 @@ def _launch_config(d: int, launch_config: Mapping | None = None) -> dict[str, in
 
 def _check(x: Tensor, shift: Tensor, scale: Tensor) -> None:
     if not supports(x, shift, scale):
-        raise ValueError(
-            f"the triton norm_modulate kernel needs CUDA tensors (or TRITON_INTERPRET=1 set "
-            f"before triton is imported) of dtypes {[str(d) for d in DTYPES]}, x (B, N, D) with "
-            f"D <= {MAX_DIM} and shift, scale (B, D); got x {tuple(x.shape)} {x.dtype} on "
-            f"{x.device}, shift {tuple(shift.shape)} {shift.dtype}, scale {tuple(scale.shape)} "
-            f"{scale.dtype}"
+        raise unsupported(
+            "norm_modulate",
+            f"x (B, N, D) with D <= {MAX_DIM} and shift, scale (B, D)",
+            f"x {tuple(x.shape)} {x.dtype} on {x.device}, shift {tuple(shift.shape)} "
+            f"{shift.dtype}, scale {tuple(scale.shape)} {scale.dtype}",
         )
-
-
-def _buffer(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """An output buffer shaped like x: ``dtype``, or fp32 for bf16 under the interpreter (whose
-    fp32 -> bf16 store truncates; torch rounds it afterwards)."""
-    if interpreting() and dtype == torch.bfloat16:
-        dtype = torch.float32
-    return torch.empty_like(x, dtype=dtype)
 
 
 def _flags(n: int, d: int, cfg: Mapping) -> dict:
@@ -293,15 +259,14 @@ def _forward(
     _launch_config."""
     _check(x, shift, scale)
     bsz, n, d = x.shape
-    y = _buffer(x, _out_dtype(x, shift, scale))
-    mean = torch.empty(bsz, n, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
+    y = result_buffer(x, promoted_dtype(x, shift, scale))
+    mean, rstd = stats_buffers(x, (bsz, n))
     cfg = _launch_config(d, launch_config)
     _fwd[(triton.cdiv(n, cfg["BLOCK_M"]), bsz)](
         x, shift, scale, y, mean, rstd, *x.stride(), *y.stride(), *shift.stride(),
         *scale.stride(), n, d, eps, **_flags(n, d, cfg), **cfg,
     )  # fmt: skip
-    return y.to(_out_dtype(x, shift, scale)), mean, rstd
+    return y.to(promoted_dtype(x, shift, scale)), mean, rstd
 
 
 def _backward(
@@ -320,7 +285,7 @@ def _backward(
     cfg = _launch_config(d, launch_config)
     flags = _flags(n, d, cfg)
     blocks = triton.cdiv(n, cfg["BLOCK_M"])
-    dx = _buffer(x, x.dtype)
+    dx = result_buffer(x)
     dshift = torch.empty(bsz, blocks, flags["BLOCK_D"], device=x.device, dtype=torch.float32)
     dscale = torch.empty_like(dshift)
     _bwd[(blocks, bsz)](
@@ -345,8 +310,8 @@ def norm_modulate_fwd(
 
 @norm_modulate_fwd.register_fake
 def _(x, shift, scale, eps):
-    stats = x.new_empty(x.shape[:2], dtype=torch.float32)
-    return torch.empty_like(x, dtype=_out_dtype(x, shift, scale)), stats, torch.empty_like(stats)
+    y = torch.empty_like(x, dtype=promoted_dtype(x, shift, scale))
+    return (y, *stats_buffers(x, x.shape[:2]))
 
 
 @torch.library.custom_op("sdiff::norm_modulate_bwd", mutates_args=())
@@ -362,19 +327,7 @@ def _(dy, x, shift, scale, mean, rstd):
     return torch.empty_like(x), dshift, scale.new_empty(scale.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, shift, scale, _eps = inputs
-    _y, mean, rstd = output
-    ctx.save_for_backward(x, shift, scale, mean, rstd)
-
-
-def _autograd_backward(ctx, dy, _dmean, _drstd):
-    x, shift, scale, mean, rstd = ctx.saved_tensors
-    dx, dshift, dscale = norm_modulate_bwd(dy, x, shift, scale, mean, rstd)
-    return dx, dshift, dscale, None
-
-
-norm_modulate_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+register_norm_autograd(norm_modulate_fwd, norm_modulate_bwd, tensors=3)  # x, shift, scale
 
 
 def norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:

@@ -33,7 +33,9 @@ if [ -s "$OUT/tuned.json" ]; then export SDIFF_ATTN_CONFIG="$OUT/tuned.json"; fi
 #    32/64/128, ragged and cross/padded shapes), the mini-model test, the long-sequence tests
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4" || echo "")
 (timeout "${ATTN_TEST_S:-90}" python3 -m pytest -q -p no:cacheprovider \
-    -o addopts="" $XDIST tests/test_kernels_attention.py tests/test_attention.py 2>&1 | tee "$OUT/kernel_tests.txt"
+    -o addopts="" $XDIST tests/test_kernels_attention.py tests/test_kernels_attention_short.py \
+    tests/test_attention.py tests/test_kernels_norm_modulate.py tests/test_kernels_groupnorm_silu.py \
+    2>&1 | tee "$OUT/kernel_tests.txt"
   echo "kernel tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/kernel_tests.txt")
 
 # 3. the benchmark: bf16, head dims 64 and 128, 256 to 16k tokens, fwd and fwd+bwd

@@ -46,7 +46,8 @@ from sdiff.eval.spec import EvalSpec
 from sdiff.models.compile import maybe_compile
 from sdiff.models.presets import build_model
 from sdiff.training.checkpoint import load_checkpoint, load_latest_good
-from sdiff.training.config import RunConfig, diff_keys, from_dict
+from sdiff.training.config import RunConfig, from_dict
+from sdiff.training.export import run_checker
 from sdiff.util.errors import StopRequested
 from sdiff.util.runlock import RunLock
 
@@ -75,25 +76,7 @@ def load_run_checkpoint(run_dir: str | Path) -> tuple[Path, dict]:
     """The newest good checkpoint of a run folder and its state, refusing one that the folder's
     ``config.json`` did not write (the caller holds the folder's lock)."""
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise ValueError(
-            f"no checkpoint found: {run_dir} is not a run folder (no config.json); to use a "
-            f"checkpoint file on its own, name it with --checkpoint"
-        )
-    try:
-        expected = json.loads(config_path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{config_path} is not valid JSON: {err}") from None
-
-    def written_here(path: Path, state: dict) -> None:
-        differs = diff_keys(expected, json.loads(state["config"]))
-        if differs:
-            raise ValueError(
-                f"checkpoint {path} was not written by {config_path}: they differ at "
-                f"{differs}; to use it anyway, name it with --checkpoint"
-            )
-
+    written_here = run_checker(run_dir, force="name it with --checkpoint")
     found = load_latest_good(run_dir / "checkpoints", accept=written_here)
     if found is None:
         raise ValueError(f"no checkpoint found in {run_dir} (looked in {run_dir / 'checkpoints'})")

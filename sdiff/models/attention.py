@@ -18,6 +18,9 @@ Backends:
 - ``triton``: sdiff's own flash-attention kernel (``sdiff.kernels.attention``), forward and
   backward, registered with ``torch.library`` so compiled graphs do not break at it. CUDA, or
   the Triton interpreter on CPU (``TRITON_INTERPRET=1`` set before triton is imported).
+- ``triton-short``: sdiff's short-sequence kernel (``sdiff.kernels.attention_short``): all keys
+  of a head in one tile (at most 512; 256 at head dim 128 in fp16/bf16, fewer in fp32), the
+  softmax in one shot and the backward in one sweep. Runs where ``triton`` runs.
 
 ``auto`` is resolved by ``select_backend``, the single predicate every model goes through, from
 a table of measured timings (``attention_dispatch.json`` beside this file, or the file named by
@@ -25,8 +28,8 @@ a table of measured timings (``attention_dispatch.json`` beside this file, or th
 by GPU (name, else compute capability), dtype, head dim, sequence-length bucket (the next power
 of two of the query and of the key length), key padding mask or not, and mode (``fwd`` when no
 gradient is needed, ``fwd+bwd`` otherwise); ``auto`` takes the fastest backend measured there
-that can run here. Off CUDA, and for anything not measured, ``auto`` is ``sdpa``. If the kernel
-fails to build on a GPU, ``auto`` warns once and stays off ``triton``.
+that can run here. Off CUDA, and for anything not measured, ``auto`` is ``sdpa``. If a kernel
+of ours fails to build on a GPU, ``auto`` warns once and stays off ``triton`` and ``triton-short``.
 """
 
 from __future__ import annotations
@@ -50,12 +53,13 @@ SDPA_KERNELS = {
     "sdpa-flash": "FLASH_ATTENTION",
     "sdpa-efficient": "EFFICIENT_ATTENTION",
 }
-BACKENDS = ("auto", "sdpa", *SDPA_KERNELS, "math", "xformers", "triton")
-DISPATCHABLE = ("triton", *SDPA_KERNELS, "xformers")  # what ``auto`` may pick from the table
+BACKENDS = ("auto", "sdpa", *SDPA_KERNELS, "math", "xformers", "triton", "triton-short")
+# what ``auto`` may pick from the table
+DISPATCHABLE = ("triton", "triton-short", *SDPA_KERNELS, "xformers")
 DISPATCH_TABLE = Path(__file__).with_name("attention_dispatch.json")
 DISPATCH_FORMAT = 1
 MODES = ("fwd", "fwd+bwd")
-_TRITON_FAILED: list[str] = []  # set when the kernel failed under "auto" (then: not triton)
+_TRITON_FAILED: list[str] = []  # set when a kernel failed under "auto" (then: no triton*)
 
 __all__ = [
     "BACKENDS",
@@ -177,6 +181,16 @@ def _triton_runs(device: torch.device, dtype: torch.dtype, head_dim: int) -> boo
     return ok and dtype in kernel.DTYPES and head_dim in kernel.HEAD_DIMS
 
 
+def _triton_short_runs(
+    device: torch.device, dtype: torch.dtype, head_dim: int, bucket_k: int
+) -> bool:
+    """Whether the short kernel runs here for keys of seq_bucket ``bucket_k``: as ``triton``,
+    with at most ``max_keys`` keys (a power of two: bucket_k <= it iff the length is)."""
+    from sdiff.kernels.attention_short import max_keys
+
+    return _triton_runs(device, dtype, head_dim) and bucket_k <= max_keys(head_dim, dtype)
+
+
 @functools.cache
 def _auto_backend(
     device: torch.device, dtype: torch.dtype, head_dim: int, bucket: int, bucket_k: int,
@@ -193,6 +207,7 @@ def _auto_backend(
     ms = index.get((identity[0], *shape)) or index.get((f"sm{identity[1]}", *shape)) or {}
     runnable = {
         "triton": not triton_failed and _triton_runs(device, dtype, head_dim),
+        "triton-short": not triton_failed and _triton_short_runs(device, dtype, head_dim, bucket_k),
         "xformers": device.type == "cuda" and _xformers_available(),
     }
     timed = [(t, b) for b, t in ms.items() if b in DISPATCHABLE and runnable.get(b, True)]
@@ -253,6 +268,18 @@ def select_backend(
                 f"and head dim in {kernel.HEAD_DIMS}"
             )
         return "triton"
+    if backend == "triton-short":
+        from sdiff.kernels import attention_short as short
+
+        if not short.supports(q, k, v, key_padding_mask):
+            d, lk = q.shape[-1], k.shape[2]
+            raise ValueError(
+                f"attention backend 'triton-short' does not support {q.device.type} {q.dtype} "
+                f"inputs with head dim {d} and {lk} keys: it needs CUDA (or TRITON_INTERPRET=1 "
+                f"for tests), head dim in {short.HEAD_DIMS} and at most "
+                f"{short.max_keys(d, q.dtype)} keys at this head dim and dtype; use 'triton'"
+            )
+        return "triton-short"
     if backend == "auto":
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         head_dim = _exact(q.shape[-1]) if v.shape[-1] == q.shape[-1] else -1  # -1: no kernel can
@@ -277,6 +304,14 @@ def _attention_triton(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor 
     from sdiff.kernels.attention import flash_attention
 
     return flash_attention(q, k, v, key_padding_mask)
+
+
+def _attention_triton_short(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None
+) -> Tensor:
+    from sdiff.kernels.attention_short import short_attention
+
+    return short_attention(q, k, v, key_padding_mask)
 
 
 def _sdpa_first(name: str):
@@ -331,6 +366,7 @@ _IMPLEMENTATIONS = {
     "math": attention_math,
     "xformers": _attention_xformers,
     "triton": _attention_triton,
+    "triton-short": _attention_triton_short,
 }
 
 
@@ -345,13 +381,14 @@ def attention(
     """Scaled dot-product attention through the backend ``select_backend`` picks."""
     _check(q, k, v, key_padding_mask)
     chosen = select_backend(q, k, v, key_padding_mask, backend)
-    if chosen == "triton" and backend == "auto" and not torch.compiler.is_compiling():
+    ours = chosen in ("triton", "triton-short")
+    if ours and backend == "auto" and not torch.compiler.is_compiling():
         try:
-            return _attention_triton(q, k, v, key_padding_mask)
+            return _IMPLEMENTATIONS[chosen](q, k, v, key_padding_mask)
         except Exception as err:  # a kernel that does not build must not stop a training run
             _TRITON_FAILED.append(f"{type(err).__name__}: {err}")
             warnings.warn(
-                f"the triton attention kernel failed ({_TRITON_FAILED[-1]}); backend 'auto' "
+                f"the {chosen} attention kernel failed ({_TRITON_FAILED[-1]}); backend 'auto' "
                 f"uses sdpa from now on",
                 stacklevel=2,
             )

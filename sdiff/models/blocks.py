@@ -8,6 +8,9 @@
   when the label is dropped for classifier-free guidance.
 - ``ResBlock``: GroupNorm, SiLU, 3x3 conv, GroupNorm modulated by the embedding (scale-shift,
   h * (1 + scale) + shift), SiLU, dropout (only where the model places it), 3x3 conv, residual.
+- ``norm_modulate`` and ``groupnorm_silu``: the modulated norms of the U-ViT's transformer blocks
+  and of the ResBlock, in PyTorch ops or (the model config's ``kernels="triton"``) each fused
+  into one Triton kernel of ``sdiff.kernels``, from the same parameters.
 - ``SelfAttention2d``: multi-head self-attention over the pixels of a feature map through
   ``sdiff.attention``.
 - ``Downsample`` (3x3 conv, stride 2) and ``Upsample`` (nearest x2, 3x3 conv).
@@ -20,16 +23,16 @@ Output layers are zero-initialised (as in ADM), so a new model predicts zeros.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from sdiff.models.attention import attention
 
 DOWNSAMPLING = ("none", "dwt", "patch")
+# The model configs' ``kernels``: the blocks' modulated norms in PyTorch ops, or fused in Triton.
+KERNELS = ("torch", "triton")
 
 
 def zero_(module: nn.Module) -> nn.Module:
@@ -46,11 +49,44 @@ def groups_for(channels: int, groups: int) -> int:
     return g
 
 
-def run_checkpointed(fn: Callable[..., Tensor], *args, enabled: bool) -> Tensor:
-    """Activation checkpointing (recompute in backward) when enabled and gradients are needed."""
-    if enabled and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+def _require_kernel(supported: bool, op: str, x: Tensor) -> None:
+    """Raise, naming the config field, where ``kernels="triton"`` meets inputs ``op``'s kernel
+    does not handle (a CPU without the interpreter, float64, ...)."""
+    if not supported:
+        raise ValueError(
+            f"model.kernels='triton': the fused {op} kernel cannot take x {tuple(x.shape)} "
+            f"{x.dtype} on {x.device} (it needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+            f"triton is imported, in float32, float16 or bfloat16); use model.kernels='torch'"
+        )
+
+
+def norm_modulate(
+    norm: nn.LayerNorm, h: Tensor, shift: Tensor, scale: Tensor, kernels: str = "torch"
+) -> Tensor:
+    """norm(h) * (1 + scale[:, None]) + shift[:, None], the adaLN modulation of a LayerNorm
+    without affine: h (B, N, D), shift and scale (B, D). PyTorch ops, or with
+    ``kernels="triton"`` one fused pass of ``sdiff.kernels.norm_modulate`` (same formula)."""
+    if kernels != "triton":
+        return norm(h) * (1 + scale[:, None]) + shift[:, None]  # (B, N, D)
+    from sdiff.kernels import norm_modulate as kernel
+
+    _require_kernel(kernel.supports(h, shift, scale), "norm_modulate", h)
+    return kernel.norm_modulate(h, shift, scale, norm.eps)
+
+
+def groupnorm_silu(
+    norm: nn.GroupNorm, h: Tensor, scale: Tensor, shift: Tensor, kernels: str = "torch"
+) -> Tensor:
+    """SiLU(norm(h) * (1 + scale) + shift), the ResBlock's second norm conditioned on the
+    embedding: h (B, C, H, W), scale and shift (B, C). PyTorch ops, or with ``kernels="triton"``
+    one fused pass of ``sdiff.kernels.groupnorm_silu`` with the GroupNorm's weight and bias."""
+    if kernels != "triton":
+        return F.silu(norm(h) * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
+    from sdiff.kernels import groupnorm_silu as kernel
+
+    args = (h, norm.weight, norm.bias, scale, shift, norm.num_groups)
+    _require_kernel(kernel.supports(*args), "groupnorm_silu", h)
+    return kernel.groupnorm_silu(*args, norm.eps)
 
 
 def logsnr_features(logsnr: Tensor, dim: int) -> Tensor:
@@ -95,9 +131,11 @@ class ResBlock(nn.Module):
         dropout: float = 0.0,
         groups: int = 32,
         resolution: int | None = None,
+        kernels: str = "torch",
     ) -> None:
         super().__init__()
         self.resolution = resolution  # feature-map side, for reports and tests
+        self.kernels = kernels  # norm2 + modulation + SiLU: PyTorch ops or one Triton kernel
         self.norm1 = nn.GroupNorm(groups_for(in_ch, groups), in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * out_ch)
@@ -109,9 +147,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
-        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, out, 1, 1)
-        h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(self.dropout(F.silu(h)))
+        scale, shift = self.emb(F.silu(emb)).chunk(2, dim=1)  # (B, out) each
+        h = groupnorm_silu(self.norm2, h, scale, shift, self.kernels)
+        h = self.conv2(self.dropout(h))
         return self.skip(x) + h
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from sdiff.models.blocks import (
+    KERNELS,
     ConditionEmbedding,
     Downsample,
     InputStem,
@@ -32,8 +33,8 @@ from sdiff.models.blocks import (
     SelfAttention2d,
     Upsample,
     input_factor,
-    run_checkpointed,
 )
+from sdiff.models.checkpointing import parse_plan, plan_policy, run_checkpointed
 from sdiff.util.validation import NON_NEGATIVE_INT, POSITIVE_INT, Range, check_fields
 
 
@@ -115,8 +116,26 @@ class LevelsMixin:
 
     def with_checkpointing(self, on: bool):
         """This config with activation checkpointing on for every level (and any transformer
-        stack), or off everywhere."""
-        return replace(self, checkpoint_levels=tuple(range(len(self.channels))) if on else ())
+        stack), or off everywhere (the ``checkpoint_plan`` cleared either way)."""
+        levels = tuple(range(len(self.channels))) if on else ()
+        return replace(self, checkpoint_levels=levels, checkpoint_plan=())
+
+    @property
+    def transformer_blocks(self) -> int:
+        """Transformer blocks (checkpoint regions ``block.<k>``); none in a conv-only net."""
+        return 0
+
+    def checkpoint_policy(self, region: str, index: int) -> str:
+        """The activation-checkpointing policy of conv level ``index`` (region "level") or
+        transformer block ``index`` ("block"): ``none``, ``selective`` or ``full``
+        (``sdiff.models.checkpointing``): the ``checkpoint_plan`` entry for it, else its group's,
+        else ``full`` where ``checkpoint_levels`` / ``checkpoint_transformer`` say so."""
+        plan = parse_plan(self.checkpoint_plan, len(self.channels), self.transformer_blocks)
+        if region == "level":
+            default = "full" if index in self.checkpoint_levels else "none"
+        else:
+            default = "full" if getattr(self, "checkpoint_transformer", False) else "none"
+        return plan_policy(plan, region, index, default)
 
     @property
     def factor(self) -> int:
@@ -130,6 +149,17 @@ class LevelsMixin:
         bad = sorted(set(self.checkpoint_levels) - set(range(n)))
         if bad:
             raise ValueError(f"checkpoint_levels {bad} are not level indices (0..{n - 1})")
+        try:
+            parse_plan(self.checkpoint_plan, n, self.transformer_blocks)
+        except ValueError as err:
+            raise ValueError(f"model.{err}") from None
+
+    def check_kernels(self) -> None:
+        """``kernels`` is one of KERNELS (the numeric rules tables hold numbers only)."""
+        if self.kernels not in KERNELS:
+            raise ValueError(
+                f"unknown model.kernels {self.kernels!r}; choose one of {list(KERNELS)}"
+            )
 
     def res_block(self, level: int, in_ch: int, emb_dim: int) -> ResBlock:
         """A ResBlock of ``level``, with dropout only if the level's side is listed."""
@@ -137,7 +167,7 @@ class LevelsMixin:
         drop = self.dropout if side in self.dropout_resolutions else 0.0
         return ResBlock(
             in_ch, self.channels[level], emb_dim, dropout=drop, groups=self.norm_groups,
-            resolution=side,
+            resolution=side, kernels=self.kernels,
         )  # fmt: skip
 
     def to_dict(self) -> dict:
@@ -166,10 +196,16 @@ class UNetConfig(LevelsMixin):
     patch_size: int = 2
     norm_groups: int = 32
     checkpoint_levels: tuple[int, ...] = ()  # activation checkpointing of these levels' blocks
+    checkpoint_plan: tuple[str, ...] = ()  # per-region policies (sdiff.models.checkpointing)
     attention_backend: str = "auto"
+    # "torch" | "triton": the ResBlocks' GroupNorm + scale-shift + SiLU in PyTorch ops, or fused
+    # into one Triton kernel (sdiff.kernels.groupnorm_silu; CUDA, or the interpreter on a CPU),
+    # from the same parameters. "torch" is the default: the kernel is not yet measured on a GPU.
+    kernels: str = "torch"
 
     def __post_init__(self) -> None:
         check_fields(self, "model", UNET_RULES)
+        self.check_kernels()
         n = len(self.channels)
         if n == 0 or len(self.blocks_down) != n or len(self.blocks_up) != n:
             raise ValueError(
@@ -270,7 +306,7 @@ class UNet(nn.Module):
         for j, (blk, att) in enumerate(zip(blocks, attns, strict=True)):
             if take is not None and j < take:
                 h = torch.cat([h, skips.pop()], dim=1)
-            h = att(run_checkpointed(blk, h, emb, enabled=ckpt))
+            h = att(run_checkpointed(blk, h, emb, policy=ckpt))
             if take is None:
                 skips.append(h)
         return h
@@ -289,12 +325,12 @@ class UNet(nn.Module):
         skips: list[list[Tensor]] = []
         for i in range(len(self.down)):
             skips.append([])
-            ckpt = i in c.checkpoint_levels
+            ckpt = c.checkpoint_policy("level", i)
             h = self._level(self.down[i], self.down_attn[i], h, emb, skips[i], None, ckpt)
             h = self.downsamplers[i](h)  # (B, channels[i], r_{i+1}, r_{i+1})
         for i in reversed(range(len(self.up))):
             take = min(c.blocks_down[i], c.blocks_up[i])
-            ckpt = i in c.checkpoint_levels
+            ckpt = c.checkpoint_policy("level", i)
             h = self._level(self.up[i], self.up_attn[i], h, emb, skips[i], take, ckpt)
             h = self.upsamplers[i](h)
         return self.head(h)  # (B, C, H, W)

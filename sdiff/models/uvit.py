@@ -38,9 +38,10 @@ from sdiff.models.blocks import (
     OutputHead,
     ResBlock,
     Upsample,
-    run_checkpointed,
+    norm_modulate,
     zero_,
 )
+from sdiff.models.checkpointing import run_checkpointed
 from sdiff.models.unet import LEVEL_RULES, LevelsMixin, check_resolutions
 from sdiff.util.validation import POSITIVE_INT, Range, check_fields
 
@@ -90,10 +91,17 @@ class UViTConfig(LevelsMixin):
     norm_groups: int = 32
     checkpoint_levels: tuple[int, ...] = ()
     checkpoint_transformer: bool = False
+    checkpoint_plan: tuple[str, ...] = ()  # per-region policies (sdiff.models.checkpointing)
     attention_backend: str = "auto"
+    # "torch" | "triton": the blocks' modulated norms (LayerNorm + adaLN, GroupNorm + scale-shift
+    # + SiLU) in PyTorch ops, or each fused into one Triton kernel (sdiff.kernels; CUDA, or the
+    # interpreter on a CPU), from the same parameters. "torch" is the default: the kernels are
+    # not yet measured on a GPU.
+    kernels: str = "torch"
 
     def __post_init__(self) -> None:
         check_fields(self, "model", UVIT_RULES)
+        self.check_kernels()
         n = len(self.channels)
         if len(self.blocks_down) != n or len(self.blocks_up) != n:
             raise ValueError(
@@ -132,7 +140,13 @@ class UViTConfig(LevelsMixin):
 
     def with_checkpointing(self, on: bool) -> UViTConfig:
         levels = tuple(range(len(self.channels))) if on else ()
-        return replace(self, checkpoint_levels=levels, checkpoint_transformer=on)
+        return replace(
+            self, checkpoint_levels=levels, checkpoint_transformer=on, checkpoint_plan=()
+        )
+
+    @property
+    def transformer_blocks(self) -> int:
+        return self.depth
 
     def patch_size_at(self, resolution: int) -> int | None:
         """For a patching U-ViT, the patch size that keeps its conv levels and transformer side
@@ -173,9 +187,10 @@ class TransformerBlock(nn.Module):
         dropout: float = 0.0,
         text_dim: int | None = None,
         backend: str = "auto",
+        kernels: str = "torch",
     ) -> None:
         super().__init__()
-        self.heads, self.backend = width // head_dim, backend
+        self.heads, self.backend, self.kernels = width // head_dim, backend, kernels
         self.table = nn.Parameter(torch.zeros(6, width))  # per-block adaLN offsets
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(width, 3 * width)
@@ -208,7 +223,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, h: Tensor, mod: Tensor, text: TextCondition | None = None) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (mod + self.table).unbind(1)  # (B, W)
-        x = self.norm1(h) * (1 + scale1[:, None]) + shift1[:, None]  # (B, N, W)
+        x = norm_modulate(self.norm1, h, shift1, scale1, self.kernels)  # (B, N, W)
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         a = attention(self._heads(q), self._heads(k), self._heads(v), backend=self.backend)
         h = h + gate1[:, None] * self.proj(self._merge(a))
@@ -225,7 +240,7 @@ class TransformerBlock(nn.Module):
                 key_padding_mask=text.padding_mask,
             )
             h = h + self.cross["proj"](self._merge(a))
-        x = self.norm2(h) * (1 + scale2[:, None]) + shift2[:, None]
+        x = norm_modulate(self.norm2, h, shift2, scale2, self.kernels)
         return h + gate2[:, None] * self.mlp(x)
 
 
@@ -265,6 +280,7 @@ class UViT(nn.Module):
                 dropout=drop,
                 text_dim=c.text_dim,
                 backend=c.attention_backend,
+                kernels=c.kernels,
             )
             for _ in range(c.depth)
         )
@@ -291,8 +307,9 @@ class UViT(nn.Module):
         b, ch, s, _ = h.shape
         x = self.proj_in(h.flatten(2).transpose(1, 2)) + self.pos  # (B, s*s, width)
         mod = self.adaln(emb).reshape(b, 6, -1)  # (B, 6, width)
-        for blk in self.blocks:
-            x = run_checkpointed(blk, x, mod, text, enabled=self.config.checkpoint_transformer)
+        for k, blk in enumerate(self.blocks):
+            policy = self.config.checkpoint_policy("block", k)
+            x = run_checkpointed(blk, x, mod, text, policy=policy)
         x = self.proj_out(self.norm_out(x))  # (B, s*s, ch)
         return x.transpose(1, 2).reshape(b, ch, s, s)
 
@@ -319,7 +336,7 @@ class UViT(nn.Module):
             stage_inputs.append(h)
             skips.append([])
             for blk in blocks:
-                h = run_checkpointed(blk, h, emb, enabled=i in c.checkpoint_levels)
+                h = run_checkpointed(blk, h, emb, policy=c.checkpoint_policy("level", i))
                 skips[i].append(h)
             h = self.downsamplers[i](h)
         h = self._transformer(h, emb, text)  # (B, ch, 16, 16)
@@ -329,7 +346,7 @@ class UViT(nn.Module):
             for j, blk in enumerate(self.up[i]):
                 if j < take:
                     h = torch.cat([h, skips[i].pop()], dim=1)
-                h = run_checkpointed(blk, h, emb, enabled=i in c.checkpoint_levels)
+                h = run_checkpointed(blk, h, emb, policy=c.checkpoint_policy("level", i))
             if c.residual:
                 h = h + self.stage_skips[i](stage_inputs[i])  # SiD2: one skip per stage
         return self.head(h)  # (B, C, H, W)

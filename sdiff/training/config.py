@@ -201,6 +201,8 @@ LATER_FIELDS: dict[tuple[str, ...], Any] = {
     ("train", "logger_name"): "",
     ("train", "logger_uri"): "",
     ("train", "ema_snapshot_every_images"): 0,
+    ("model", "kernels"): "torch",
+    ("model", "checkpoint_plan"): [],
 }
 # What a run reports and where (its tracker, its EMA snapshots), not what it computes: never
 # part of a config's identity, so adding them to a run or to a finished ablation grid reuses

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,22 +95,14 @@ def export_run(
                            metadata=metadata, dtype=dtype)  # fmt: skip
 
 
-def load_run_state(
-    run_dir: str | os.PathLike[str],
-    *,
-    step: int | None = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-) -> tuple[Path, dict[str, Any]]:
-    """(path, state) of a run folder's newest good checkpoint, of the one of ``step``, or of
-    the file ``checkpoint``; refused if the run's ``config.json`` did not write it."""
-    run_dir = Path(run_dir)
-    if step is not None and checkpoint is not None:
-        raise ValueError("give a step or a checkpoint file, not both")
+def run_checker(run_dir: Path, *, force: str) -> Callable[[Path, dict[str, Any]], None]:
+    """``check(path, state)``, raising unless the run folder's ``config.json`` wrote that
+    checkpoint; ``force`` says how to use a checkpoint anyway (it ends the messages)."""
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise ValueError(
             f"no checkpoint found: {run_dir} is not a run folder (no config.json); to use a "
-            f"checkpoint file on its own, give it as the source"
+            f"checkpoint file on its own, {force}"
         )
     try:
         expected = json.loads(config_path.read_text())
@@ -121,8 +114,24 @@ def load_run_state(
         if differs:
             raise ValueError(
                 f"checkpoint {path} was not written by {config_path}: they differ at {differs}; "
-                f"to use it anyway, give the checkpoint file as the source"
+                f"to use it anyway, {force}"
             )
+
+    return written_here
+
+
+def load_run_state(
+    run_dir: str | os.PathLike[str],
+    *,
+    step: int | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """(path, state) of a run folder's newest good checkpoint, of the one of ``step``, or of
+    the file ``checkpoint``; refused if the run's ``config.json`` did not write it."""
+    run_dir = Path(run_dir)
+    if step is not None and checkpoint is not None:
+        raise ValueError("give a step or a checkpoint file, not both")
+    written_here = run_checker(run_dir, force="give the checkpoint file as the source")
 
     if checkpoint is not None:  # a file named explicitly: no lock, so a running trainer is fine
         return _one_good(Path(checkpoint), written_here)
