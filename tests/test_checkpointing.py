@@ -202,3 +202,18 @@ def test_bench_memory_takes_a_plan_and_chooses_one(capsys):
     assert "chosen plan for 1 GiB: " in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"block\.9"):
         memory_main(["--model", "uvit-tiny-32", "--batch", "4", "--plan", "block.9=full"])
+
+
+@pytest.mark.slow  # 25 s of compilation
+def test_a_compiled_model_with_selective_checkpointing_gives_the_same_gradients():
+    config = replace(get_preset("uvit-tiny-32"), dropout=0.0)
+    plan = ("levels=selective", "blocks=selective")
+    torch.manual_seed(0)
+    model = build_model(replace(config, checkpoint_plan=plan)).train()
+    z, logsnr, labels = torch.randn(4, 3, 32, 32), torch.randn(4), torch.randint(0, 10, (4,))
+    model(z, logsnr, labels).square().mean().backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.compile(model, fullgraph=True)(z, logsnr, labels).square().mean().backward()
+    for a, b in zip(eager, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -41,7 +41,8 @@ from sdiff.models.presets import get_preset
 from sdiff.util.cli_args import ExtendList
 
 # (case, preset, resolution, batch, [(variant, compiled, model overrides, profile it)]); the
-# first variant of a case is the reference of its speed-up column. Compiling U-ViT L takes
+# first variant of a case is the reference of its speed-up column; "channels_last" (not a config
+# field) puts the model's weights and the images in NHWC. Compiling U-ViT L takes
 # ~100 s on an H200, so compiled variants are few: this list fits the 8-minute suite.
 SELECTIVE = ("levels=selective", "blocks=selective")
 CASES = [
@@ -54,6 +55,7 @@ CASES = [
     ("unet_512", "unet-512", 512, 8, [
         ("eager", False, {}, False),
         ("eager, triton norms", False, {"kernels": "triton"}, False),
+        ("eager, channels_last", False, {"channels_last": True}, False),
         ("compiled", True, {}, True),
     ]),
     ("uvit_l_512", "uvit-l-512", 512, 32, [
@@ -93,13 +95,17 @@ def run_case(case, out: Path, deadline: float, writer, gpu: str, device: str = "
             writer(row)
             continue
         try:
-            model = replace(at_resolution(get_preset(preset), res), **overrides)
+            fields = {k: v for k, v in overrides.items() if k != "channels_last"}
+            model = replace(at_resolution(get_preset(preset), res), **fields)
             macs = model_stats(model).macs
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             config = run_config(model, batch, compiled=compiled)
-            _, step = make_train_step(config, dev)
+            state, step = make_train_step(config, dev)
             x, y = random_batch(model, batch, dev)
+            if overrides.get("channels_last"):  # the convs' weights and the images in NHWC
+                state.model.to(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
             one = functools.partial(step, x, y)
             first = _timed(one, dev)
             one()
@@ -123,7 +129,7 @@ def run_case(case, out: Path, deadline: float, writer, gpu: str, device: str = "
                 row["estimate_gib"] = round(est.peak / 2**30, 4)
             if profiled and cuda and time.time() < deadline:
                 _profile(one, out / f"profile_{name}.txt")
-            del step, one
+            del state, step, one
         except Exception as err:  # one variant must not stop the run
             text = str(err).splitlines()[0][:160] if str(err) else ""
             row["status"] = f"failed: {type(err).__name__}: {text}"
