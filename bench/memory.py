@@ -374,19 +374,23 @@ def estimate_training_memory(
     dtype: str = "bf16",
     checkpoint: bool | tuple[str, ...] = False,
     device: str = "cuda",
+    flops: bool = True,
 ) -> MemoryReport:
     """Memory of one steady-state training step of ``config`` at ``batch``, on meta.
 
     dtype: "bf16" (CUDA autocast, the trainer's default on GPUs) or "fp32". checkpoint:
     activation checkpointing on (``full``) for every conv level and transformer block, off
     everywhere, or a plan's entries (``with_checkpointing``). device: whose kernels to follow,
-    "cuda" or "cpu" (fp32 only)."""
+    "cuda" or "cpu" (fp32 only). flops: also the step's FLOPs and what checkpointing
+    recomputes (which, checkpointing on, simulates the plain step too); else both are 0."""
     name, config = resolve_config(config)
     _check_batch(batch)
     _check_dtype_device(dtype, device)
-    plain = _simulate(with_checkpointing(config, False), batch, dtype, device)
+    step = _simulate(with_checkpointing(config, checkpoint), batch, dtype, device)
+    plain = step
+    if flops and checkpoint is not False:
+        plain = _simulate(with_checkpointing(config, False), batch, dtype, device)
     config = with_checkpointing(config, checkpoint)
-    step = _simulate(config, batch, dtype, device)
     model = _meta_model(config)
     params = list(model.parameters())
     weights = sum(p.numel() * p.element_size() for p in params)  # fp32 master weights
@@ -409,8 +413,8 @@ def estimate_training_memory(
         backward=step.backward,
         optimizer_temp=temp,
         device=device,
-        step_flops=plain.forward_flops + plain.backward_flops,
-        recomputed_flops=step.backward_flops - plain.backward_flops,
+        step_flops=plain.forward_flops + plain.backward_flops if flops else 0,
+        recomputed_flops=step.backward_flops - plain.backward_flops if flops else 0,
     )
 
 
@@ -437,7 +441,7 @@ def largest_batch(
 
     def est(b: int) -> MemoryReport:
         if b not in seen:
-            seen[b] = estimate_training_memory(config, b, **kw)
+            seen[b] = estimate_training_memory(config, b, **kw, flops=False)
         return seen[b]
 
     if est(1).peak > budget_bytes:

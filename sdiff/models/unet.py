@@ -258,6 +258,8 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
         self.config = c = config
+        # each level's checkpointing policy, resolved once (the config is frozen)
+        self.level_policies = [c.checkpoint_policy("level", i) for i in range(len(c.channels))]
         sides = c.level_sides()
         emb_dim = c.emb_dim or 4 * c.channels[0]
         io = {"wavelet": c.wavelet, "dwt_levels": c.dwt_levels, "patch_size": c.patch_size}
@@ -325,12 +327,12 @@ class UNet(nn.Module):
         skips: list[list[Tensor]] = []
         for i in range(len(self.down)):
             skips.append([])
-            ckpt = c.checkpoint_policy("level", i)
+            ckpt = self.level_policies[i]
             h = self._level(self.down[i], self.down_attn[i], h, emb, skips[i], None, ckpt)
             h = self.downsamplers[i](h)  # (B, channels[i], r_{i+1}, r_{i+1})
         for i in reversed(range(len(self.up))):
             take = min(c.blocks_down[i], c.blocks_up[i])
-            ckpt = c.checkpoint_policy("level", i)
+            ckpt = self.level_policies[i]
             h = self._level(self.up[i], self.up_attn[i], h, emb, skips[i], take, ckpt)
             h = self.upsamplers[i](h)
         return self.head(h)  # (B, C, H, W)

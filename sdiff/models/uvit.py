@@ -248,6 +248,9 @@ class UViT(nn.Module):
     def __init__(self, config: UViTConfig) -> None:
         super().__init__()
         self.config = c = config
+        # each region's checkpointing policy, resolved once (the config is frozen)
+        self.level_policies = [c.checkpoint_policy("level", i) for i in range(len(c.channels))]
+        self.block_policies = [c.checkpoint_policy("block", k) for k in range(c.depth)]
         sides = c.level_sides()
         emb_dim = c.emb_dim or 4 * (c.channels[0] if c.channels else c.width // 4)
         io = {"wavelet": c.wavelet, "dwt_levels": c.dwt_levels, "patch_size": c.patch_size}
@@ -307,8 +310,7 @@ class UViT(nn.Module):
         b, ch, s, _ = h.shape
         x = self.proj_in(h.flatten(2).transpose(1, 2)) + self.pos  # (B, s*s, width)
         mod = self.adaln(emb).reshape(b, 6, -1)  # (B, 6, width)
-        for k, blk in enumerate(self.blocks):
-            policy = self.config.checkpoint_policy("block", k)
+        for blk, policy in zip(self.blocks, self.block_policies, strict=True):
             x = run_checkpointed(blk, x, mod, text, policy=policy)
         x = self.proj_out(self.norm_out(x))  # (B, s*s, ch)
         return x.transpose(1, 2).reshape(b, ch, s, s)
@@ -336,7 +338,7 @@ class UViT(nn.Module):
             stage_inputs.append(h)
             skips.append([])
             for blk in blocks:
-                h = run_checkpointed(blk, h, emb, policy=c.checkpoint_policy("level", i))
+                h = run_checkpointed(blk, h, emb, policy=self.level_policies[i])
                 skips[i].append(h)
             h = self.downsamplers[i](h)
         h = self._transformer(h, emb, text)  # (B, ch, 16, 16)
@@ -346,7 +348,7 @@ class UViT(nn.Module):
             for j, blk in enumerate(self.up[i]):
                 if j < take:
                     h = torch.cat([h, skips[i].pop()], dim=1)
-                h = run_checkpointed(blk, h, emb, policy=c.checkpoint_policy("level", i))
+                h = run_checkpointed(blk, h, emb, policy=self.level_policies[i])
             if c.residual:
                 h = h + self.stage_skips[i](stage_inputs[i])  # SiD2: one skip per stage
         return self.head(h)  # (B, C, H, W)
