@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import sdiff.models.attention as ab
 from sdiff.kernels import attention as kernel
 from sdiff.kernels.attention import attention_ref, flash_attention
+from sdiff.kernels.attention_short import short_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -109,7 +110,15 @@ def test_all_padding_rows_give_zeros_and_no_nan():
         torch.testing.assert_close(o.double(), r, atol=2e-5, rtol=1e-5)
 
 
-def test_non_contiguous_inputs():
+# both of sdiff's attention kernels: the flash kernel and the short-sequence one
+KERNELS = [
+    pytest.param(flash_attention, "flash_attn_fwd", id="flash"),
+    pytest.param(short_attention, "short_attn_fwd", id="short"),
+]
+
+
+@pytest.mark.parametrize(("attend", "_op"), KERNELS)
+def test_non_contiguous_inputs(attend, _op):
     """(B, L, H, D) storage viewed as (B, H, L, D), and q, k, v as chunks of one fused qkv
     tensor (non-dense views), as the U-ViT's projection produces."""
     q, k, v, g = (
@@ -120,12 +129,13 @@ def test_non_contiguous_inputs():
     fused = torch.cat([q, k, v], dim=-1)  # (B, H, L, 3D)
     for qq, kk, vv in [(q, k, v), fused.chunk(3, dim=-1)]:
         ref = run(attention_ref, *(x.double() for x in (qq, kk, vv, g)), None)
-        ours = run(flash_attention, qq, kk, vv, g, None)
+        ours = run(attend, qq, kk, vv, g, None)
         for o, r in zip(ours, ref, strict=True):
             torch.testing.assert_close(o.double(), r, atol=5e-6, rtol=1e-5)
 
 
-def test_registered_op_passes_opcheck():
+@pytest.mark.parametrize(("_attend", "op"), KERNELS)
+def test_registered_op_passes_opcheck(_attend, op):
     """Fake implementation, autograd registration and strides agree with the real op, also for
     non-dense q, k, v (chunks of a fused projection)."""
     q, k, v, _ = make(1, 2, 40, 24, 32, torch.float32)
@@ -135,7 +145,7 @@ def test_registered_op_passes_opcheck():
     for qq, kk, vv, m in [(q, k, v, None), (q, k, v, mask), (*fused.chunk(3, dim=-1), mask)]:
         args = [x.detach().clone().requires_grad_(True) if x.is_contiguous() else x.detach()
                 for x in (qq, kk, vv)]  # fmt: skip
-        torch.library.opcheck(torch.ops.sdiff.flash_attn_fwd.default, (*args, m, 1 / math.sqrt(32)))
+        torch.library.opcheck(getattr(torch.ops.sdiff, op).default, (*args, m, 1 / math.sqrt(32)))
 
 
 def test_backend_selection():
